@@ -1,0 +1,92 @@
+"""Encoder / decoder trunks shared by the VAE and the VQ-VAE (the thesis CNN family).
+
+Encoder: `blocks` x [Conv2d(k, stride 2) -> norm -> LeakyReLU], each halving H and W.
+Decoder: the mirror image with ConvTranspose2d, ending in a 1-channel transposed conv and a sigmoid.
+Padding is chosen so every kernel size in (3, 4, 5) halves / doubles exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mrigen.models.config import ModelConfig
+
+__all__ = ["Decoder", "Encoder", "check_images", "eval_mode", "make_norm"]
+
+LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, as in the thesis
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm2d, or GroupNorm with up to 32 groups of at least 4 channels (1 group for tiny layers)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    groups = math.gcd(channels, 32)
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
+def _padding(kernel_size: int) -> tuple[int, int]:
+    """(padding, output_padding) so that a stride-2 conv halves and its transpose doubles exactly."""
+    return (kernel_size - 1) // 2, kernel_size % 2
+
+
+class Encoder(nn.Sequential):
+    """x: (B, 1, H, W) -> features (B, C_last, H / 2**blocks, W / 2**blocks)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        pad, _ = _padding(cfg.kernel_size)
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in cfg.scaled_channels:
+            layers += [
+                nn.Conv2d(c_in, c_out, cfg.kernel_size, stride=2, padding=pad, bias=False),
+                make_norm(cfg.norm, c_out),
+                nn.LeakyReLU(LEAKY_SLOPE),
+            ]
+            c_in = c_out
+        super().__init__(*layers)
+        self.out_channels = c_in
+
+
+class Decoder(nn.Sequential):
+    """features (B, C_last, h, w) -> image (B, 1, h * 2**blocks, w * 2**blocks) in [0, 1] (sigmoid)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        pad, out_pad = _padding(cfg.kernel_size)
+        chans = cfg.scaled_channels[::-1]  # e.g. 1024, 256, 64, 32, 16
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [
+                nn.ConvTranspose2d(c_in, c_out, cfg.kernel_size, 2, pad, output_padding=out_pad, bias=False),
+                make_norm(cfg.norm, c_out),
+                nn.LeakyReLU(LEAKY_SLOPE),
+            ]
+        layers += [nn.ConvTranspose2d(chans[-1], 1, cfg.kernel_size, 2, pad, output_padding=out_pad), nn.Sigmoid()]
+        super().__init__(*layers)
+        self.in_channels = chans[0]
+
+
+def check_images(x: torch.Tensor, image_size: int, who: str) -> None:
+    """Raise ValueError unless x is (B, 1, image_size, image_size) floating point (shape check only, no sync)."""
+    if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != image_size or x.shape[3] != image_size:
+        raise ValueError(f"{who} expects x of shape (B, 1, {image_size}, {image_size}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{who} expects floating-point images in [0, 1], got dtype {x.dtype}")
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run a block in eval mode without gradients, then restore the module's previous train/eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)

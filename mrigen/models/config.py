@@ -1,0 +1,128 @@
+"""`ModelConfig`: the one frozen description of a VAE / VQ-VAE architecture.
+
+`dataclasses.asdict(cfg)` is what goes into `config.json` beside the weights and into MLflow params; `from_dict`
+reads it back (JSON lists become tuples) and rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "NORMS", "ModelConfig"]
+
+FAMILIES = ("vae", "vqvae")
+KERNEL_SIZES = (3, 4, 5)
+NORMS = ("batch", "group")
+LATENTS = ("dense", "spatial")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one model. The defaults are the thesis VAE (five k4/s2 blocks, 16-32-64-256-1024 maps,
+    dense 1024-d latent, 128x128 slices)."""
+
+    family: str = "vae"  # "vae" | "vqvae": which class `build_model` builds
+    image_size: int = 128  # H = W of the input slices; a power of two >= 16 (64 / 128 / 256 in studies)
+    blocks: int = 5  # encoder conv blocks, each halving H and W (decoder mirrors); grid = image_size / 2**blocks
+    channels: tuple[int, ...] = (16, 32, 64, 256, 1024, 1024)  # feature-map ladder; block i uses channels[i]
+    width: float = 1.0  # multiplier on every entry of `channels` (rounded, at least 1)
+    kernel_size: int = 4  # conv / transposed-conv kernel: 3, 4 or 5 (stride 2, padding keeps exact halving)
+    norm: str = "batch"  # "batch" (BatchNorm2d, the thesis) | "group" (GroupNorm, batch-size independent)
+    latent: str = "dense"  # "dense" vector (B, latent_dim) | "spatial" map (B, latent_dim, h, w); VQ-VAE: "spatial"
+    latent_dim: int = 1024  # VAE only: dense latent size, or channels of the spatial latent map
+    codebook_size: int = 512  # VQ-VAE: number of codes K
+    code_dim: int = 64  # VQ-VAE: channels of each code vector
+    commitment: float = 0.25  # VQ-VAE: weight of the commitment term ||z_e - sg(q)||^2
+    ema_decay: float = 0.99  # VQ-VAE: decay of the EMA codebook updates, in (0, 1)
+    dead_code_threshold: float = 1.0  # VQ-VAE: EMA usage (vectors per batch) below which a code is restarted; 0 = never
+    prior_channels: int = 128  # VQ-VAE code prior: transformer width (a multiple of 16; heads = width / 16)
+    prior_layers: int = 4  # VQ-VAE code prior: transformer blocks
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels, list):  # JSON / YAML give lists; keep the dataclass hashable
+            object.__setattr__(self, "channels", tuple(self.channels))
+        _check_choice("family", self.family, FAMILIES)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("latent", self.latent, LATENTS)
+        _check_choice("kernel_size", self.kernel_size, KERNEL_SIZES)
+        for name in ("image_size", "blocks", "latent_dim", "codebook_size", "code_dim", "prior_channels",
+                     "prior_layers"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if self.image_size < 16 or self.image_size & (self.image_size - 1):
+            raise ValueError(f"image_size={self.image_size!r} must be a power of two >= 16 (e.g. 64, 128, 256)")
+        if not isinstance(self.channels, tuple) or not self.channels or not all(
+            _is_int(c) and c >= 1 for c in self.channels
+        ):
+            raise ValueError(f"channels={self.channels!r} must be a non-empty tuple of positive ints")
+        if self.blocks > len(self.channels):
+            raise ValueError(
+                f"blocks={self.blocks} needs at least that many channels entries, but channels has "
+                f"{len(self.channels)}: {self.channels}"
+            )
+        if 2**self.blocks > self.image_size:
+            raise ValueError(
+                f"blocks={self.blocks} halves image_size={self.image_size} below 1 pixel "
+                f"(need image_size / 2**blocks >= 1, i.e. blocks <= {self.image_size.bit_length() - 1})"
+            )
+        _check_number("width", self.width, low=0.0, low_open=True)
+        _check_number("commitment", self.commitment, low=0.0)
+        _check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True)
+        _check_number("dead_code_threshold", self.dead_code_threshold, low=0.0)
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size={self.codebook_size} must be >= 2")
+        if self.prior_channels % 16:
+            raise ValueError(f"prior_channels={self.prior_channels} must be a multiple of 16 (16 channels per head)")
+        if self.family == "vqvae" and self.latent != "spatial":
+            raise ValueError(
+                f"family='vqvae' quantizes a spatial grid of codes: latent={self.latent!r} is not allowed, "
+                "use latent='spatial'"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Side h = w of the encoder's output grid: image_size / 2**blocks."""
+        return self.image_size >> self.blocks
+
+    @property
+    def scaled_channels(self) -> tuple[int, ...]:
+        """The `blocks` feature-map counts actually built: channels[:blocks] times `width` (at least 1)."""
+        return tuple(max(1, round(c * self.width)) for c in self.channels[: self.blocks])
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a plain mapping (e.g. parsed JSON / YAML), rejecting keys that are not fields.
+
+        Raises:
+            ValueError: naming the unknown keys and the valid ones, or any invalid field value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**dict(d))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{name}={value!r} must be a number {bound}")
