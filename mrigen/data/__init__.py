@@ -1,0 +1,20 @@
+"""IXI data pipeline: naming + demographics, demo cohort, validation, ingest, slice store, download.
+
+    python -m mrigen.data demo --out DIR          # generated IXI-like cohort (no download)
+    python -m mrigen.data ingest --ixi DIR --out STORE
+    python -m mrigen.data fetch-ixi --out DIR     # the real IXI tarball
+
+Training code uses :class:`SliceStore` (``SliceStore.open(path)``) and :func:`build_demo_store`.
+"""
+
+from mrigen.data.build import build_demo_store
+from mrigen.data.config import IngestConfig
+from mrigen.data.demo import make_demo_cohort
+from mrigen.data.fetch import FetchError, fetch_ixi
+from mrigen.data.ingest import IngestError, ingest
+from mrigen.data.store import SliceStore, StoreError
+
+__all__ = [
+    "IngestConfig", "SliceStore", "StoreError", "IngestError", "FetchError",
+    "ingest", "make_demo_cohort", "build_demo_store", "fetch_ixi",
+]

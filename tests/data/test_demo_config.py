@@ -1,0 +1,114 @@
+"""Demo cohort, IXI naming/demographics, and IngestConfig validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from mrigen.data.config import IngestConfig
+from mrigen.data.demo import DemoSubject, _subject_volume, make_demo_cohort
+from mrigen.data.ixi import DEMOGRAPHIC_COLUMNS, discover, ixi_name, parse_ixi_name, read_demographics
+
+
+def test_demo_cohort_layout_and_determinism(demo_cohort_src, tmp_path):
+    files = sorted(demo_cohort_src.glob("*.nii.gz"))
+    parsed = [parse_ixi_name(f) for f in files]
+    assert len(files) == 6 and all(p is not None and p.modality == "T1" for p in parsed)
+    assert {p.site for p in parsed} == {"Guys", "HH", "IOP"}
+    img = nib.load(files[0])
+    assert img.get_data_dtype() == np.int16 and nib.aff2axcodes(img.affine) == ("P", "S", "R")
+    table = pd.read_csv(demo_cohort_src / "IXI.csv")
+    assert tuple(table.columns) == DEMOGRAPHIC_COLUMNS and set(table.IXI_ID) == {p.ixi_id for p in parsed}
+    again = make_demo_cohort(tmp_path / "b", subjects=6, seed=3, voxel_scale=4, progress=False)
+    for a, b in zip(files, again):
+        assert a.name == b.name
+        np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+    other = make_demo_cohort(tmp_path / "c", subjects=1, seed=4, voxel_scale=4, progress=False)
+    assert other[0].name not in {f.name for f in files} or not np.array_equal(
+        np.asanyarray(nib.load(other[0]).dataobj), np.asanyarray(nib.load(files[0]).dataobj))
+
+
+def test_t2_is_axial_with_inverted_contrast(tmp_path):
+    t2 = nib.load(make_demo_cohort(tmp_path, subjects=1, modality="T2", voxel_scale=4, progress=False)[0])
+    assert nib.aff2axcodes(t2.affine) == ("L", "A", "S") and t2.shape == (64, 64, 32)
+
+
+def test_ventricles_grow_with_age():
+    young = DemoSubject(ixi_id=50, site="HH", scan=1, age=22.0, sex_id=1)
+    old = dataclasses.replace(young, age=85.0)
+    dark = []
+    for subject in (young, old):
+        img = nib.as_closest_canonical(_subject_volume(subject, "T1", 2, 0))
+        data = np.asanyarray(img.dataobj).astype(float)
+        i, j, k = np.rint(np.linalg.solve(img.affine, [0.0, -8.0, 15.0, 1.0])[:3]).astype(int)  # ventricles
+        r = np.rint(np.array([22.0, 40.0, 18.0]) / img.header.get_zooms()[:3]).astype(int)  # lateral ventricles
+        box = data[i - r[0]:i + r[0], j - r[1]:j + r[1], k - r[2]:k + r[2]]
+        dark.append(int((box < 0.4 * np.percentile(data, 99.5)).sum()))  # CSF-dark voxels
+    assert dark[1] > 1.15 * dark[0]
+
+
+def test_ixi_names():
+    assert ixi_name(2, "Guys", 828, "T1") == "IXI002-Guys-0828-T1.nii.gz"
+    p = parse_ixi_name(Path("IXI012-HH-1211-T2.nii.gz"))
+    assert p is not None and (p.subject, p.site, p.modality) == ("IXI012", "HH", "T2")
+    for bad in ("IXI012-XX-1211-T1.nii.gz", "ixi012-HH-1211-T1.nii.gz", "IXI012-HH-1211-T1.nii.bz2"):
+        assert parse_ixi_name(Path(bad)) is None
+    with pytest.raises(ValueError, match="site='Mars'"):
+        ixi_name(1, "Mars", 1, "T1")
+    with pytest.raises(ValueError, match="modality='CT'"):
+        ixi_name(1, "HH", 1, "CT")
+
+
+def test_discover_reports_unmatched(tmp_path):
+    for name in ("IXI002-Guys-0828-T1.nii.gz", "IXI002-Guys-0828-T2.nii.gz", "brain.nii.gz", "IXI.csv"):
+        (tmp_path / name).write_bytes(b"x")
+    files, unmatched = discover(tmp_path, "T1")
+    assert [f.path.name for f in files] == ["IXI002-Guys-0828-T1.nii.gz"]
+    assert [u.name for u in unmatched] == ["brain.nii.gz"]
+    with pytest.raises(ValueError, match="not a directory"):
+        discover(tmp_path / "nope", "T1")
+
+
+def test_demographics_duplicates_conflicts_and_zero_missing(tmp_path):
+    rows = [
+        {"IXI_ID": 2, "SEX_ID": 1, "AGE": 35.8},
+        {"IXI_ID": 2, "SEX_ID": 1, "AGE": 35.8},  # duplicate, consistent
+        {"IXI_ID": 12, "SEX_ID": 2, "AGE": 38.78},
+        {"IXI_ID": 12, "SEX_ID": 1, "AGE": 41.0},  # conflicting sex and age
+        {"IXI_ID": 13, "SEX_ID": 0, "AGE": 0},  # 0 = missing
+        {"IXI_ID": 0, "SEX_ID": 1, "AGE": 50},  # not a subject
+        {"IXI_ID": "abc", "SEX_ID": 1, "AGE": 50},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "IXI.csv", index=False)
+    demo = read_demographics(tmp_path / "IXI.csv")
+    assert demo.age == {2: 35.8} and demo.sex == {2: "M"}
+    text = "\n".join(demo.dropped)
+    assert "IXI_ID 2: 2 rows, merged" in text and "IXI_ID 12: conflicting AGE" in text and "SEX_ID" in text
+    assert "row 7" in text and "row 8" in text
+    (tmp_path / "bad.csv").write_text("A,B\n1,2\n")
+    with pytest.raises(ValueError, match="no IXI_ID column"):
+        read_demographics(tmp_path / "bad.csv")
+
+
+def test_config_defaults_and_round_trip():
+    cfg = IngestConfig()
+    assert cfg.band == (0.35, 0.50) and cfg.slices == 30 and cfg.size == 128 and cfg.n_workers >= 1
+    assert IngestConfig.from_dict(cfg.content_dict()) == dataclasses.replace(cfg, workers=0)
+    assert "workers" not in cfg.content_dict()
+    with pytest.raises(ValueError, match="unknown key.*bogus"):
+        IngestConfig.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("modality", "MRA"), ("size", 100), ("slices", 0), ("band", (0.5, 0.4)), ("min_brain", 1.0),
+    ("foreground", 0.0), ("percentiles", (99.0, 1.0)), ("split", (0.5, 0.1, 0.1)), ("split", (0.0, 0.5, 0.5)),
+    ("seed", 1.5), ("workers", -1), ("max_voxels", 10),
+])
+def test_invalid_config_names_field_and_allowed(field, value):
+    with pytest.raises(ValueError, match=rf"IngestConfig\.{field}=.*allowed"):
+        IngestConfig(**{field: value})
