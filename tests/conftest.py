@@ -1,0 +1,83 @@
+"""Shared test fixtures: real servers on loopback for integration tests, GPU skipping.
+
+- `stack` (session): PostgreSQL + SeaweedFS S3 + MLflow started once per test session in a temp dir through
+  `mrigen.stack`, only when a test asks for it; always stopped at the end (failures, Ctrl-C and SIGTERM too).
+  Tests that use it get the `servers` marker automatically, so `-m "not servers"` skips them.
+- `mlflow_env`: points MLflow at the stack for one test, with no S3 keys in the client's environment
+  (artifacts go through the server's proxy).
+- Tests marked `gpu` are skipped when CUDA is not available.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Variables that would give the client direct S3 access or another tracking server; removed by `mlflow_env`.
+_CLIENT_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN", "MLFLOW_REGISTRY_URI")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests using `stack` as `servers`; skip `gpu` tests without CUDA."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.servers)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch  # only when a gpu test was collected
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator:
+    """Start the three servers once per session and yield their `mrigen.stack.StackInfo`; stop them at the end."""
+    from mrigen.stack import Stack, StackConfig
+
+    # Not under pytest's basetemp: pytest resets /tmp/pytest-of-<user> to 0700 whenever a session starts, and
+    # PostgreSQL (run as a non-root user when the tests run as root) must traverse the parents of its data dir.
+    directory = Path(tempfile.mkdtemp(prefix="mrigen-stack-"))
+    server_stack = Stack(StackConfig(directory=directory))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # A CI runner that times out sends SIGTERM: turn it into KeyboardInterrupt so the teardown below runs.
+        def _terminate(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield server_stack.up()
+    finally:
+        server_stack.down()
+        shutil.rmtree(directory)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def mlflow_env(stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point MLflow at the session stack for one test; yield the tracking URI. The client holds no S3 keys."""
+    import mlflow
+
+    for name in _CLIENT_ENV_DROP:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.tracking_uri)
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    try:
+        yield stack.tracking_uri
+    finally:
+        if mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # back to the environment, which monkeypatch restores next
