@@ -1,0 +1,311 @@
+"""The in-project feature network: a small CNN trained once per slice store on its real training slices.
+
+No ImageNet/RadImageNet weights can be downloaded, so the Frechet distance and precision/recall use a network
+trained here, on the store itself, with three auxiliary tasks (docs/METRICS.md says why):
+
+1. slice position within the band (regression): features must encode anatomy and its layout;
+2. acquisition site (classification, when the store has more than one): features must encode contrast/scanner;
+3. degradation type of the input, clean / blurred / noisy (classification): features must notice exactly the
+   failures a generator makes (blur, noise), so a blurry sample set lands away from the real one.
+
+Features are the L2-normalised penultimate activations, `FeatureNetConfig.feature_dim` wide. The trained trunk
+is cached as `STORE/feature_net-<digest[:12]>.safetensors` with the store digest and config in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mrigen import __version__
+
+from .pretext import AuxTargets, aux_targets, degrade
+
+__all__ = ["FORMAT", "FeatureNet", "FeatureNetConfig", "cache_path", "extract_features", "get_feature_net",
+           "load_feature_net", "save_feature_net", "train_feature_net"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mrigen.feature_net/1"     # metadata["format"] of every file this module writes
+
+
+class _Store(Protocol):
+    """What the feature network needs of a slice store (a subset of `mrigen.data.store.SliceStore`)."""
+
+    digest: str
+    path: Path
+
+    def tensor(self, split: str, device: Any, dtype: torch.dtype = ...) -> torch.Tensor: ...
+
+    def slices(self, split: str) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class FeatureNetConfig:
+    """Architecture and training of the feature network. Defaults train in seconds on a CPU."""
+
+    input_size: int = 64                    # every image is resized to this side first (any store size works)
+    channels: tuple[int, ...] = (16, 32, 64, 128)    # conv stages, each halves the side (64 -> 4 px)
+    feature_dim: int = 128                  # width of the penultimate layer = the feature vector
+    steps: int = 300                        # optimiser steps on the store's train split
+    batch_size: int = 64                    # slices per step (each gets one random degradation)
+    lr: float = 5e-4                        # Adam learning rate (1e-3+ leaves the degradation task at chance)
+    seed: int = 0                           # seeds weights, batches and degradations
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "feature_dim", "steps", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"FeatureNetConfig.{name}={getattr(self, name)!r} must be >= 1")
+        if not self.channels or any(int(c) < 1 for c in self.channels):
+            raise ValueError(f"FeatureNetConfig.channels={self.channels!r} must be a non-empty tuple of ints >= 1")
+        if self.input_size % 2 ** len(self.channels) or self.input_size // 2 ** len(self.channels) < 2:
+            raise ValueError(
+                f"FeatureNetConfig.input_size={self.input_size!r} must be a multiple of 2**len(channels)="
+                f"{2 ** len(self.channels)} and leave at least 2 px after the last stage")
+        if not self.lr > 0:
+            raise ValueError(f"FeatureNetConfig.lr={self.lr!r} must be > 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeatureNetConfig":
+        """Build from a plain dict (e.g. file metadata), refusing unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FeatureNetConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        data = dict(data)
+        if "channels" in data:
+            data["channels"] = tuple(int(c) for c in data["channels"])
+        return cls(**data)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`(B, 1, H, W)` -> `(B, 1, size, size)` float32 (bilinear, antialiased when shrinking)."""
+    x = x.float()
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class FeatureNet(nn.Module):
+    """Conv trunk + dense embedding; `features(x)` gives L2-normalised `(B, feature_dim)` vectors.
+
+    Args:
+        cfg: architecture (input_size, channels, feature_dim).
+    """
+
+    def __init__(self, cfg: FeatureNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in cfg.channels:          # each stage: (B, c_in, s, s) -> (B, c_out, s/2, s/2)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(min(8, c_out), c_out),
+                       nn.LeakyReLU(0.2)]
+            c_in = c_out
+        self.trunk = nn.Sequential(*layers)
+        side = cfg.input_size // 2 ** len(cfg.channels)
+        self.embed = nn.Linear(c_in * side * side, cfg.feature_dim)   # flatten keeps the anatomical layout
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, 1, H, W)` in [0, 1] -> `(B, 1, s, s)` centred at 0, s = cfg.input_size."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"FeatureNet input must be (B, 1, H, W); got shape {tuple(x.shape)}")
+        return _resize(x, self.cfg.input_size) - 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw penultimate activations: `(B, 1, H, W)` in [0, 1] -> `(B, feature_dim)`."""
+        h = self.trunk(self._prepare(x))
+        return self.embed(h.flatten(1))     # (B, C, s, s) -> (B, C*s*s) -> (B, feature_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features: `(B, 1, H, W)` in [0, 1] -> `(B, feature_dim)`, unit norm per row."""
+        return F.normalize(self.forward(x), dim=1)
+
+
+@torch.no_grad()
+def extract_features(net: FeatureNet, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Features of many images, batched, in eval mode (the net's previous mode is restored).
+
+    Args:
+        net: the feature network, on the images' device.
+        images: `(N, 1, H, W)` in [0, 1].
+        batch_size: images per forward pass.
+
+    Returns:
+        `(N, feature_dim)` float32 on the images' device, unit rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    was_training = net.training
+    net.eval()
+    try:
+        return torch.cat([net.features(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    finally:
+        net.train(was_training)
+
+
+def cache_path(store: _Store) -> Path:
+    """Where the feature network of `store` is cached: `STORE/feature_net-<digest[:12]>.safetensors`."""
+    return Path(store.path) / f"feature_net-{store.digest[:12]}.safetensors"
+
+
+@torch.enable_grad()                 # callers such as evaluate() run under no_grad
+def train_feature_net(store: _Store, cfg: FeatureNetConfig | None = None, *,
+                      device: torch.device | str = "cpu") -> tuple[FeatureNet, dict[str, float]]:
+    """Train a feature network on the store's real train slices (tqdm bar + one-line summary).
+
+    Args:
+        store: the slice store; uses `tensor("train", device)` and `slices("train")`.
+        cfg: architecture and training settings (defaults if None).
+        device: where to train.
+
+    Returns:
+        (net in eval mode, summary of the last 10% of steps: loss, pos_mae, site_acc, degradation_acc).
+    """
+    cfg = cfg or FeatureNetConfig()
+    device = torch.device(device)
+    images = _resize(store.tensor("train", device), cfg.input_size)   # (N, 1, s, s) in [0, 1]
+    targets: AuxTargets = aux_targets(store.slices("train"), images.shape[0], device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)                                # weight init, without touching caller's RNG
+    net = FeatureNet(cfg)
+    heads = nn.Linear(cfg.feature_dim, 1 + targets.n_sites + 3)  # position | site logits | degradation logits
+    torch.random.set_rng_state(torch_state)
+    net.to(device)
+    heads.to(device)
+    opt = torch.optim.Adam([*net.parameters(), *heads.parameters()], lr=cfg.lr)
+    net.train()
+    tail: list[dict[str, float]] = []
+    bar = tqdm(range(cfg.steps), desc=f"feature net ({store.digest[:12]})", unit="step", leave=False)
+    for step in bar:
+        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
+        x, kind = degrade(images[idx], gen)                    # (B, 1, H, W), (B,) in {0 clean, 1 blur, 2 noise}
+        out = heads(F.leaky_relu(net(x), 0.2))                 # (B, 1 + n_sites + 3)
+        pos_err = out[:, 0] - targets.pos[idx]
+        loss_deg = F.cross_entropy(out[:, -3:], kind)
+        loss = loss_deg + (pos_err.pow(2).mean() if targets.has_pos else 0.0)
+        if targets.n_sites > 1:
+            loss = loss + F.cross_entropy(out[:, 1:1 + targets.n_sites], targets.site[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= cfg.steps - max(1, cfg.steps // 10):
+            out, pos_err = out.detach(), pos_err.detach()
+            site_acc = ((out[:, 1:1 + targets.n_sites].argmax(1) == targets.site[idx]).float().mean()
+                        if targets.n_sites > 1 else torch.tensor(float("nan")))
+            tail.append({"loss": loss.item(), "pos_mae": float(pos_err.abs().mean()), "site_acc": float(site_acc),
+                         "degradation_acc": float((out[:, -3:].argmax(1) == kind).float().mean())})
+        if step % 25 == 0 or step == cfg.steps - 1:                # .item() syncs a GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    net.eval()
+    summary = {k: sum(t[k] for t in tail) / len(tail) for k in tail[0]}
+    log.info("feature net trained on %d slices of store %s in %d steps: loss %.3f, position MAE %.3f (band=1), "
+             "site acc %.2f (%d sites), degradation acc %.2f", images.shape[0], store.digest[:12], cfg.steps,
+             summary["loss"], summary["pos_mae"], summary["site_acc"], targets.n_sites, summary["degradation_acc"])
+    return net, summary
+
+
+def save_feature_net(net: FeatureNet, path: Path | str, *, store_digest: str,
+                     summary: dict[str, float] | None = None) -> Path:
+    """Write `net` as safetensors with its config and the store digest in the metadata, atomically.
+
+    The file is written to a temporary name in the same folder and renamed over `path`, so a reader (or a
+    second worker training the same store) never sees a half-written file.
+    """
+    path = Path(path)
+    metadata = {"format": FORMAT, "store_digest": store_digest, "config": json.dumps(asdict(net.cfg)),
+                "mrigen_version": __version__, "train_summary": json.dumps(summary or {})}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_feature_net(path: Path | str, *, store_digest: str, device: torch.device | str = "cpu") -> FeatureNet:
+    """Load a feature network file and check it belongs to the store with `store_digest`.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: if the file is not safetensors, not an mrigen feature network, was trained on another store
+            (digest mismatch), or its tensors do not match the architecture its config describes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature network weights {path} do not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"feature network weights {path} are not a readable safetensors file: {exc}") from exc
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{path} is not an mrigen feature network (metadata format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    if meta.get("store_digest") != store_digest:
+        raise ValueError(f"feature network {path} was trained on store digest {meta.get('store_digest')!r}, "
+                         f"not on this store ({store_digest!r}); features would not be comparable")
+    try:
+        cfg = FeatureNetConfig.from_dict(json.loads(meta["config"]))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"feature network {path} has an unreadable config in its metadata: {exc}") from exc
+    net = FeatureNet(cfg)
+    state = load_file(str(path))
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        diff = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        raise ValueError(f"feature network {path} does not match its config {asdict(cfg)}: tensor(s) "
+                         + ", ".join(f"{k} file={got.get(k)} expected={expected.get(k)}" for k in diff[:5]))
+    net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+def get_feature_net(store: _Store, weights: Path | str | None = None, *, device: torch.device | str = "cpu",
+                    config: FeatureNetConfig | None = None) -> FeatureNet:
+    """The feature network of `store`: user weights, else the cached file, else train and cache it.
+
+    Args:
+        store: slice store (digest, path, tensor(), slices()).
+        weights: a user-supplied feature network file; validated against the store digest and its shapes.
+        device: where the returned net lives (and where a new one is trained).
+        config: settings for a new network (None = defaults). A cached file is used whatever its settings when
+            `config` is None, and refused (not replaced) when `config` is given and differs from them.
+
+    Returns:
+        FeatureNet in eval mode on `device`.
+    """
+    if weights is not None:
+        return load_feature_net(weights, store_digest=store.digest, device=device)
+    path = cache_path(store)
+    if path.is_file():
+        net = load_feature_net(path, store_digest=store.digest, device=device)
+        if config is not None and net.cfg != config:
+            changed = sorted(k for k, v in asdict(config).items() if asdict(net.cfg)[k] != v)
+            raise ValueError(f"cached feature network {path} was made with other settings ({changed}); pass "
+                             f"config={net.cfg} to use it, or delete the file to train a new one")
+        return net
+    net, summary = train_feature_net(store, config or FeatureNetConfig(), device=device)
+    try:
+        save_feature_net(net, path, store_digest=store.digest, summary=summary)
+    except OSError as exc:   # a read-only store still evaluates; the next call retrains (seeded: same weights)
+        log.warning("could not cache the feature network at %s (%s); it will be retrained next time", path, exc)
+    return net

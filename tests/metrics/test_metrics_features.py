@@ -1,0 +1,130 @@
+"""The in-project feature network: config validation, features, cache, weight validation, usefulness."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from metrics_fakes import TINY_FEATURES, SyntheticStore
+from safetensors.torch import load_file, save_file
+
+import mrigen.metrics.features as features_mod
+from mrigen.metrics import (FeatureNet, FeatureNetConfig, cache_path, extract_features, frechet_distance,
+                            get_feature_net, load_feature_net, save_feature_net)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("input_size", 0, "input_size"), ("input_size", 40, "input_size"), ("steps", 0, "steps"),
+    ("batch_size", 0, "batch_size"), ("feature_dim", 0, "feature_dim"), ("lr", 0.0, "lr"),
+    ("channels", (), "channels"), ("channels", (8, 0), "channels"),
+])
+def test_config_rejects_invalid_values(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=f"FeatureNetConfig.{match}"):
+        FeatureNetConfig(**{field: value})
+
+
+def test_config_from_dict_rejects_unknown_keys_and_round_trips() -> None:
+    with pytest.raises(ValueError, match="unknown FeatureNetConfig field"):
+        FeatureNetConfig.from_dict({"depth": 3})
+    assert FeatureNetConfig.from_dict({"channels": [8, 16, 32], "input_size": 32}).channels == (8, 16, 32)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_features_are_unit_vectors_of_fixed_width_for_any_size(size: int) -> None:
+    net = FeatureNet(TINY_FEATURES)
+    feats = extract_features(net, torch.rand(5, 1, size, size), batch_size=2)
+    assert feats.shape == (5, TINY_FEATURES.feature_dim)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(5), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        net.features(torch.rand(2, 3, size, size))
+
+
+def test_cache_second_call_loads_without_training(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
+    first = get_feature_net(store, config=TINY_FEATURES)
+    path = cache_path(store)
+    assert path.name == f"feature_net-{store.digest[:12]}.safetensors" and path.is_file()
+    assert not list(tmp_path.glob("*.tmp"))                       # atomic write left no temporary file
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached feature network should have been loaded, not retrained")
+
+    monkeypatch.setattr(features_mod, "train_feature_net", no_training)
+    second = get_feature_net(store, config=TINY_FEATURES)
+    x = store.tensor("val")
+    assert torch.equal(extract_features(first, x), extract_features(second, x))
+    with pytest.raises(ValueError, match="other settings"):
+        get_feature_net(store, config=replace(TINY_FEATURES, steps=41))
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path) -> None:
+    cfg = replace(TINY_FEATURES, steps=5)
+    a = get_feature_net(SyntheticStore(tmp_path / "a", subjects={"train": 3, "val": 2}), config=cfg)
+    b = get_feature_net(SyntheticStore(tmp_path / "b", subjects={"train": 3, "val": 2}), config=cfg)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+
+
+def test_weights_of_another_store_are_refused(store: SyntheticStore, feature_net: FeatureNet, tmp_path) -> None:
+    other = SyntheticStore(tmp_path, subjects={"train": 2, "val": 2}, seed=5)
+    with pytest.raises(ValueError, match="trained on store digest"):
+        get_feature_net(other, weights=cache_path(store))
+    copied = tmp_path / f"feature_net-{other.digest[:12]}.safetensors"   # planted in the other store's cache
+    copied.write_bytes(cache_path(store).read_bytes())
+    with pytest.raises(ValueError, match="not on this store"):
+        get_feature_net(other, config=TINY_FEATURES)
+
+
+def test_user_weights_are_validated(store: SyntheticStore, feature_net: FeatureNet, tmp_path) -> None:
+    good = save_feature_net(feature_net, tmp_path / "mine.safetensors", store_digest=store.digest)
+    loaded = get_feature_net(store, weights=good)
+    val = store.tensor("val")
+    assert torch.equal(extract_features(loaded, val), extract_features(feature_net, val))
+
+    tensors = load_file(str(good))
+    meta = {"format": features_mod.FORMAT, "store_digest": store.digest, "config": json.dumps(
+        {"input_size": 32, "channels": [16, 32, 64], "feature_dim": 64, "steps": 40, "batch_size": 32})}
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="does not match its config"):
+        get_feature_net(store, weights=tmp_path / "shape.safetensors")
+
+    save_file(tensors, str(tmp_path / "foreign.safetensors"), metadata={"format": "other"})
+    with pytest.raises(ValueError, match="not an mrigen feature network"):
+        load_feature_net(tmp_path / "foreign.safetensors", store_digest=store.digest)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_feature_net(tmp_path / "junk.safetensors", store_digest=store.digest)
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_feature_net(tmp_path / "missing.safetensors", store_digest=store.digest)
+
+
+def test_feature_space_separates_real_from_noise(store: SyntheticStore, feature_net: FeatureNet) -> None:
+    val = store.tensor("val")
+    a, b = extract_features(feature_net, val[0::2]), extract_features(feature_net, val[1::2])
+    noise = extract_features(feature_net, torch.rand(val[0::2].shape, generator=torch.Generator().manual_seed(0)))
+    assert frechet_distance(a, b) < frechet_distance(noise, b)
+
+
+def test_unwritable_cache_warns_and_still_returns_a_net(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    store = SyntheticStore(tmp_path, subjects={"train": 2, "val": 2})
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(features_mod, "save_feature_net", read_only)
+    net = get_feature_net(store, config=replace(TINY_FEATURES, steps=2))
+    assert isinstance(net, FeatureNet) and not cache_path(store).exists()
+    assert "could not cache the feature network" in caplog.text
+
+
+def test_feature_net_trains_when_called_under_no_grad(store: SyntheticStore) -> None:
+    """evaluate() runs under torch.no_grad(); training the store's feature net there must still work."""
+    from mrigen.metrics import FeatureNetConfig, train_feature_net
+
+    with torch.no_grad():
+        net, summary = train_feature_net(store, FeatureNetConfig(steps=3, batch_size=8))
+    assert all(p.requires_grad for p in net.parameters())
+    assert summary["loss"] == summary["loss"]    # finite, not NaN
