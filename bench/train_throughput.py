@@ -1,0 +1,130 @@
+"""Training throughput: mrigen's `train()` against a bare PyTorch loop of the same model, batch and loss.
+
+Both run in this process, one after the other, on the same resident data, so the ratio is robust to a noisy
+machine. The mrigen figure is the wall time of `train()` itself: batch sampling, per-epoch validation (loss,
+SSIM/PSNR, active units or perplexity), the hooks (local logger by default) and checkpoints are all included;
+only the final full evaluation is off (it is a one-off, not per-epoch work).
+
+    python bench/train_throughput.py --device cpu --size 64 --batch 64 --n 2048 --epochs 2
+    python bench/train_throughput.py --device cuda --size 128 --batch 256 --family vae --n 16384 --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mrigen.device import pick_device
+from mrigen.models import ModelConfig, build_model
+from mrigen.models.losses import vae_loss, vq_vae_loss
+from mrigen.train import LocalLogger, TrainConfig, train
+from mrigen.train.configs import build_configs
+
+
+class ResidentStore:
+    """The slice-store contract over tensors already in memory (random smooth images in [0, 1])."""
+
+    def __init__(self, n: int, size: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        low = torch.rand(n, 1, size // 8, size // 8, generator=g)
+        self._x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+        self._val = self._x[: max(64, n // 10)]
+        self.image_size, self.digest, self.path = size, "bench", Path("<memory>")
+
+    def tensor(self, split: str, device, dtype=torch.float32) -> torch.Tensor:
+        return (self._x if split == "train" else self._val).to(device=device, dtype=dtype)
+
+    def slices(self, split: str) -> list[dict]:
+        return [{"subject": "bench", "slice_pos": 0.0, "site": "Guys"}] * len(self.tensor(split, "cpu"))
+
+
+def bare_loop(model_cfg: ModelConfig, tcfg: TrainConfig, x: torch.Tensor, epochs: int) -> float:
+    """The textbook loop: resident data, random batches, autocast/channels_last like mrigen. Returns img/s."""
+    device = x.device
+    torch.manual_seed(0)
+    model = build_model(model_cfg).to(device)
+    cuda = device.type == "cuda"
+    if cuda and tcfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, **({"fused": True} if cuda else {}))
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and tcfg.amp != "off" else contextlib.nullcontext
+    nb = len(x) // tcfg.batch_size
+
+    def epoch() -> None:
+        perm = torch.randperm(len(x), device=device)
+        for b in range(nb):
+            xb = x[perm[b * tcfg.batch_size:(b + 1) * tcfg.batch_size]].float()
+            if cuda and tcfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with amp():
+                out = model(xb)
+            out = type(out)(*(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in out))
+            if model_cfg.family == "vae":
+                loss = vae_loss(out, xb, recon="mse", beta=1.0, kl_weight=1.0, free_bits=0.0, ssim_weight=0.0).total
+            else:
+                loss = vq_vae_loss(out, xb, recon="mse", ssim_weight=0.0).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    epoch()                                  # warm-up (cuDNN autotune, allocator)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    if cuda:
+        torch.cuda.synchronize()
+    return epochs * nb * tcfg.batch_size / (time.perf_counter() - t0)
+
+
+def mrigen_loop(model_cfg: ModelConfig, tcfg: TrainConfig, store: ResidentStore, epochs: int) -> float:
+    """Wall time of `train()` with validation, local logging and checkpoints every epoch. Returns img/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = train(model_cfg, TrainConfig(**{**tcfg.__dict__, "epochs": 1}), store, progress=False)
+        del warm
+        t0 = time.perf_counter()
+        result = train(model_cfg, tcfg, store, out_dir=Path(tmp), hooks=[LocalLogger(Path(tmp))], progress=False)
+        seconds = time.perf_counter() - t0
+    nb = len(store.tensor("train", "cpu")) // tcfg.batch_size
+    assert result.epochs_run == epochs
+    return epochs * nb * tcfg.batch_size / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--family", choices=["vae", "vqvae"], default="vae")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--n", type=int, default=2048, help="training images")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--json", type=Path, help="append the result as one JSON line to this file")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    blocks = 5 if args.family == "vae" else 3
+    model_cfg, _ = build_configs(args.family, {"model": {"image_size": args.size, "blocks": blocks}})
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device=str(device), final_eval=False,
+                       prior_epochs=0, grid_every=0)
+    store = ResidentStore(args.n, args.size)
+    bare = bare_loop(model_cfg, tcfg, store.tensor("train", device, torch.float16 if device.type == "cuda"
+                                                   else torch.float32), args.epochs)
+    ours = mrigen_loop(model_cfg, tcfg, store, args.epochs)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    row = {"device": name, "family": args.family, "size": args.size, "batch": args.batch, "n": args.n,
+           "epochs": args.epochs, "bare_img_s": round(bare), "mrigen_img_s": round(ours),
+           "ratio": round(ours / bare, 3)}
+    print(json.dumps(row))
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

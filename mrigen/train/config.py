@@ -1,0 +1,66 @@
+"""Training configuration: one frozen dataclass, `asdict(cfg)` is what checkpoints and MLflow record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+_RECON = ("mse", "l1")
+_AMP = ("auto", "bf16", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained. Every default is the thesis setting unless noted."""
+
+    epochs: int = 30                 # passes over the training split (thesis: 30-500)
+    batch_size: int = 64             # images per optimiser step (thesis: 64)
+    lr: float = 5e-4                 # Adam learning rate (thesis: 5e-4)
+    weight_decay: float = 0.0        # AdamW-style decoupled weight decay; 0 = plain Adam
+    seed: int = 0                    # seeds weights, batch order and sampling noise (recorded)
+    device: str = "auto"             # "auto" = CUDA if present else CPU; or "cpu", "cuda", "cuda:N"
+    amp: str = "auto"                # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16" forces; "off" disables
+    channels_last: bool = True       # NHWC memory format on CUDA (faster convolutions); ignored on CPU
+    recon: str = "mse"               # reconstruction term, summed per image: "mse" (Gaussian) or "l1" (Laplace)
+    ssim_weight: float = 0.0         # extra (1 - SSIM) term per image, weighted; 0 = off
+    beta: float = 1.0                # weight of the KL term (beta-VAE); 1 = the ELBO
+    kl_warmup_epochs: int = 0        # KL weight rises linearly 0 -> 1 over this many epochs; 0 = full from start
+    free_bits: float = 0.0           # nats per latent dimension not penalised (prevents posterior collapse)
+    prior_epochs: int = 10           # VQ-VAE only: epochs of the code prior after the autoencoder
+    prior_lr: float = 1e-3           # VQ-VAE only: prior learning rate
+    prior_batch_size: int = 128      # VQ-VAE only: code grids per prior step
+    grid_every: int = 5              # epochs between image grids (real | reconstruction | samples); 0 = end only
+    grid_n: int = 8                  # images per grid row
+    eval_batch_size: int = 512       # images per forward pass in validation
+    final_eval: bool = True          # run the full quality evaluation (FD, precision/recall...) at the end
+    eval_samples: int = 0            # samples for the final evaluation; 0 = the largest allowed (half the split)
+    checkpoint_every: int = 1        # epochs between resumable checkpoints when an output dir is given; 0 = off
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "prior_batch_size", "eval_batch_size", "grid_n")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 1")
+        non_negative = ("weight_decay", "ssim_weight", "beta", "kl_warmup_epochs", "free_bits", "prior_epochs",
+                        "grid_every", "eval_samples", "checkpoint_every")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("lr", "prior_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be > 0")
+        if self.recon not in _RECON:
+            raise ValueError(f"TrainConfig.recon={self.recon!r} is not one of {_RECON}")
+        if self.amp not in _AMP:
+            raise ValueError(f"TrainConfig.amp={self.amp!r} is not one of {_AMP}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from a plain dict, refusing unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,286 @@
+"""The one training loop, shared by `python -m mrigen.train`, the tuner and the tests.
+
+GPU path: the whole training split lives on the device as one tensor, batches are index_select'ed there,
+bf16 autocast + channels_last, losses accumulate on the device and are read once per epoch (no per-batch
+host sync). Every epoch is seeded from (seed, epoch), so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from mrigen.device import pick_device
+from mrigen.models import ModelConfig, build_model, save_model
+from mrigen.models.losses import active_units, vae_loss, vq_vae_loss
+from mrigen.train.config import TrainConfig
+from mrigen.train.hooks import Hook, StopTraining, TrainContext
+from mrigen.train.images import make_grid
+from mrigen.train.prior import train_prior
+from mrigen.train.state import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["train", "TrainResult", "epoch_seed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    model: torch.nn.Module                          # trained model, eval mode, on the training device
+    history: list[dict[str, float]]                 # one dict of metrics per epoch (train_*, val_*, ...)
+    val_metrics: dict[str, float]                   # final validation metrics (full evaluation if enabled)
+    epochs_run: int                                 # epochs completed, resumed ones included
+    stopped_early: bool = False                     # a hook raised StopTraining (e.g. pruned)
+    stop_reason: str | None = None
+    model_dir: Path | None = None                   # where save_model wrote it, when out_dir was given
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of one epoch's batch order and noise: a function of (seed, epoch) only, so resume is exact."""
+    return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
+
+
+def _float_output(out: Any) -> Any:
+    """Cast the floating tensors of a named model output to fp32 (losses are computed in fp32)."""
+    def cast(v: Any) -> Any:
+        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, **{f.name: cast(getattr(out, f.name)) for f in dataclasses.fields(out)})
+    return type(out)(*(cast(v) for v in out))
+
+
+class _Step:
+    """Forward + loss for one batch, for either model family."""
+
+    def __init__(self, model: torch.nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device):
+        self.model, self.mcfg, self.tcfg = model, mcfg, tcfg
+        amp = tcfg.amp == "bf16" or (tcfg.amp == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.channels_last = tcfg.channels_last and device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor, kl_weight: float):
+        """x: (B, 1, H, W) in [0, 1] -> (LossTerms, model output in fp32)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            out = self.model(x)
+        out = _float_output(out)
+        t = self.tcfg
+        if self.mcfg.family == "vae":
+            terms = vae_loss(out, x, recon=t.recon, beta=t.beta, kl_weight=kl_weight,
+                             free_bits=t.free_bits, ssim_weight=t.ssim_weight)
+        else:
+            terms = vq_vae_loss(out, x, recon=t.recon, ssim_weight=t.ssim_weight)
+        return terms, out
+
+
+def _term_vector(terms, family: str) -> torch.Tensor:
+    """(total, recon, kl-or-vq) as one detached device tensor, so epoch sums need no host sync."""
+    extra = terms.kl if family == "vae" else terms.vq
+    return torch.stack([terms.total.detach(), terms.recon.detach(), extra.detach()])
+
+
+def _kl_weight(tcfg: TrainConfig, epoch: int) -> float:
+    return 1.0 if tcfg.kl_warmup_epochs == 0 else min(1.0, (epoch + 1) / tcfg.kl_warmup_epochs)
+
+
+@torch.no_grad()
+def _validate(step: _Step, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
+    """Validation loss terms, SSIM/PSNR of reconstructions, active units (VAE) or perplexity (VQ-VAE)."""
+    from mrigen.metrics import image_metrics
+
+    model, tcfg = step.model, step.tcfg
+    model.eval()
+    sums, n = None, 0
+    mus, recons, perplexities = [], [], []
+    for start in range(0, len(val_x), tcfg.eval_batch_size):
+        x = val_x[start:start + tcfg.eval_batch_size].float()
+        terms, out = step(x, _kl_weight(tcfg, epoch))
+        v = _term_vector(terms, step.mcfg.family) * len(x)
+        sums = v if sums is None else sums + v
+        n += len(x)
+        recons.append(out.recon)
+        if step.mcfg.family == "vae":
+            mus.append(out.mu.flatten(1))
+        else:
+            perplexities.append(out.perplexity.float() * len(x))
+    sums = (sums / n).tolist()
+    key = "kl" if step.mcfg.family == "vae" else "vq"
+    metrics = {"val_loss": sums[0], "val_recon": sums[1], f"val_{key}": sums[2]}
+    scores = image_metrics(torch.cat(recons), val_x.float())
+    metrics.update({f"val_{k}": float(v.mean()) for k, v in scores.items()})
+    if mus:
+        metrics["active_units"] = float(active_units(torch.cat(mus)))
+    if perplexities:
+        metrics["val_perplexity"] = float(torch.stack(perplexities).sum() / n)
+    model.train()
+    return metrics
+
+
+@torch.no_grad()
+def _grids(model: torch.nn.Module, val_x: torch.Tensor, tcfg: TrainConfig, can_sample: bool) -> dict:
+    """Real val slices over their own reconstructions, and samples from a fixed generator."""
+    was_training = model.training
+    model.eval()
+    device = val_x.device
+    idx = torch.linspace(0, len(val_x) - 1, min(tcfg.grid_n, len(val_x)), device=device).long()
+    real = val_x[idx].float()
+    grids = {"reconstruction": make_grid([real, model.reconstruct(real)])}
+    if can_sample:
+        gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+        grids["samples"] = make_grid([model.sample(len(idx), generator=gen)])
+    model.train(was_training)
+    return grids
+
+
+def _check_resume(meta: dict, mcfg: ModelConfig, tcfg: TrainConfig, digest: str, ckpt: Path) -> None:
+    same_train = {k: v for k, v in asdict(tcfg).items() if k != "epochs"}
+    saved_train = {k: v for k, v in meta["train_cfg"].items() if k != "epochs"}
+    if meta["model_cfg"] != json_round(asdict(mcfg)) or saved_train != json_round(same_train):
+        raise CheckpointError(f"{ckpt}: checkpoint was written with another config; resume with the same one")
+    if meta["data_digest"] != digest:
+        raise CheckpointError(f"{ckpt}: checkpoint was trained on other data (store digest differs)")
+
+
+def json_round(d: dict) -> dict:
+    """What a dict looks like after a JSON round trip (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Path | None = None,
+          hooks: Iterable[Hook] = (), resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train one model on a slice store, validate every epoch, evaluate at the end.
+
+    Args:
+        model_cfg: architecture (its image_size must equal the store's).
+        train_cfg: optimisation, loss weights, device, seed.
+        store: a `mrigen.data.SliceStore` (or anything with its contract) with "train" and "val" splits.
+        out_dir: if given, checkpoints go to `out_dir/checkpoint` and the final model to `out_dir/model`.
+        hooks: `Hook` objects (local logger, MLflow logger, Optuna pruning...).
+        resume: continue from `out_dir/checkpoint` (same configs and data required).
+        progress: show a tqdm bar over epochs.
+
+    Returns:
+        TrainResult with the trained model, per-epoch history and final validation metrics.
+    """
+    if model_cfg.image_size != store.image_size:
+        raise ValueError(f"model.image_size={model_cfg.image_size} but the store {store.path} holds "
+                         f"{store.image_size}x{store.image_size} slices")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs an out_dir holding a checkpoint")
+    hooks = list(hooks)
+    device = pick_device(train_cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True          # fixed shapes: let cuDNN pick the fastest kernels
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg).to(device)
+    step = _Step(model, model_cfg, train_cfg, device)
+    if step.channels_last:
+        model.to(memory_format=torch.channels_last)
+    resident = torch.float16 if device.type == "cuda" else torch.float32
+    train_x = store.tensor("train", device, dtype=resident)         # (N, 1, H, W)
+    val_x = store.tensor("val", device, dtype=resident)
+    if len(train_x) < train_cfg.batch_size:
+        raise ValueError(f"train.batch_size={train_cfg.batch_size} exceeds the {len(train_x)} training slices "
+                         f"in {store.path}")
+    if len(val_x) == 0:
+        raise ValueError(f"the store {store.path} has no validation slices")
+    opt_cls = torch.optim.AdamW if train_cfg.weight_decay > 0 else torch.optim.Adam
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    optimizer = opt_cls(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, **kwargs)
+
+    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume:
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        _check_resume(meta, model_cfg, train_cfg, store.digest, ckpt)
+        history, start_epoch = meta["history"], meta["epoch"] + 1
+        log.info("resumed from %s at epoch %d", ckpt, start_epoch)
+
+    ctx = TrainContext(model=model, model_cfg=model_cfg, train_cfg=train_cfg, device=device,
+                       data_digest=store.digest, data_path=str(store.path), out_dir=out_dir,
+                       n_train=len(train_x), n_val=len(val_x))
+    for h in hooks:
+        h.on_start(ctx)
+
+    result = TrainResult(model=model, history=history, val_metrics={}, epochs_run=start_epoch)
+    n_batches = len(train_x) // train_cfg.batch_size                  # drop_last: BatchNorm needs full batches
+    bar = tqdm(range(start_epoch, train_cfg.epochs), desc=f"train {model_cfg.family}", unit="epoch",
+               disable=not progress, initial=start_epoch, total=train_cfg.epochs)
+    model.train()
+    for epoch in bar:
+        torch.manual_seed(epoch_seed(train_cfg.seed, epoch))
+        gen = torch.Generator(device=device).manual_seed(epoch_seed(train_cfg.seed, epoch))
+        perm = torch.randperm(len(train_x), device=device, generator=gen)
+        kl_weight = _kl_weight(train_cfg, epoch)
+        sums = torch.zeros(3, device=device)
+        t0 = time.perf_counter()
+        for b in range(n_batches):
+            x = train_x[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]].float()
+            terms, _ = step(x, kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            sums += _term_vector(terms, model_cfg.family)
+        train_terms = (sums / n_batches).tolist()                     # the epoch's one host sync
+        seconds = time.perf_counter() - t0
+        key = "kl" if model_cfg.family == "vae" else "vq"
+        metrics = {"train_loss": train_terms[0], "train_recon": train_terms[1], f"train_{key}": train_terms[2],
+                   "kl_weight": kl_weight, "epoch_seconds": seconds,
+                   "img_per_s": n_batches * train_cfg.batch_size / seconds}
+        metrics.update(_validate(step, val_x, epoch))
+        history.append({"epoch": epoch, **metrics})
+        result.epochs_run = epoch + 1
+        bar.set_postfix(loss=f"{metrics['train_loss']:.1f}", val_ssim=f"{metrics.get('val_ssim', 0):.3f}")
+        try:
+            for h in hooks:
+                h.on_epoch_end(ctx, epoch, metrics)
+        except StopTraining as stop:
+            result.stopped_early, result.stop_reason = True, str(stop)
+        if ckpt is not None and train_cfg.checkpoint_every and (epoch + 1) % train_cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt, model=model, optimizer=optimizer, meta={
+                "epoch": epoch, "history": history, "model_cfg": json_round(asdict(model_cfg)),
+                "train_cfg": json_round(asdict(train_cfg)), "data_digest": store.digest})
+        if result.stopped_early:
+            break
+        if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
+            grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae")
+            for h in hooks:
+                h.on_images(ctx, epoch, grids)
+    bar.close()
+
+    if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_epochs > 0:
+        prior_history = train_prior(model, train_x, train_cfg, progress=progress)
+        result.extra["prior_loss"] = prior_history
+    model.eval()
+    can_sample = model_cfg.family == "vae" or bool(getattr(model, "prior_trained", False))
+    if train_cfg.final_eval and not result.stopped_early:
+        from mrigen.metrics import evaluate
+
+        n = train_cfg.eval_samples or None
+        result.val_metrics = evaluate(model, store, "val", n_samples=n, seed=train_cfg.seed, device=device)
+    elif history:
+        result.val_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
+    if out_dir is not None:
+        result.model_dir = Path(out_dir) / "model"
+        save_model(model, result.model_dir)
+    grids = _grids(model, val_x, train_cfg, can_sample=can_sample)
+    for h in hooks:
+        h.on_images(ctx, result.epochs_run - 1, grids)
+    for h in hooks:
+        h.on_end(ctx, result)
+    return result

@@ -1,0 +1,142 @@
+"""Resolving `python -m mrigen.tune` options (embedded defaults included) and the end-of-study report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from mrigen.tune.report import ensure_parent_run, summarise, summary_table
+from mrigen.tune.runner import TuneOptions, budget_of, open_study, run_study
+from mrigen.tune.study import StudySpec, load_study
+
+__all__ = ["TuneContext", "prepare", "finish", "parse_gpus"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneContext:
+    """Everything a tune run resolved before starting trials."""
+
+    spec: StudySpec
+    opts: TuneOptions
+    store: object
+    parent_run_id: str | None
+    is_launcher: bool
+
+    def run(self, argv: list[str]) -> optuna.Study:
+        return run_study(self.spec, self.opts, self.store, self.parent_run_id,
+                         argv=argv if self.is_launcher else None)
+
+    def interrupted(self) -> None:
+        """Ctrl-C: mark the parent run KILLED (the trial runs are ended by the tracking hook's handlers)."""
+        if self.is_launcher and self.parent_run_id and self.opts.tracking_uri:
+            from mlflow import MlflowClient
+
+            MlflowClient(self.opts.tracking_uri).set_terminated(self.parent_run_id, status="KILLED")
+
+
+def parse_gpus(arg: str | None) -> tuple[int, ...]:
+    import torch
+
+    if arg is None:
+        return tuple(range(torch.cuda.device_count()))
+    try:
+        ids = tuple(int(g) for g in arg.split(",") if g.strip())
+    except ValueError:
+        raise ValueError(f"--gpus {arg!r}: expected comma-separated integers such as 0,1") from None
+    if ids and not torch.cuda.is_available():
+        raise ValueError(f"--gpus {arg}: no CUDA device is available on this machine")
+    return ids
+
+
+def _sqlite(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def prepare(args: argparse.Namespace) -> TuneContext:
+    """Load the study, pick budget/device/data/storage/tracking (saying which), open the study + parent run."""
+    from mrigen.tracking import redact_uri
+
+    spec = load_study(args.study)
+    gpus = parse_gpus(args.gpus)
+    if args.trials_per_gpu < 1:
+        raise ValueError(f"--trials-per-gpu {args.trials_per_gpu}: must be >= 1")
+    work_dir = args.work_dir.resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or os.environ.get("OPTUNA_STORAGE") or _sqlite(work_dir / "optuna.db")
+    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite(work_dir / "mlflow.db")
+    if args.no_tracking:
+        tracking = None
+    opts = TuneOptions(study=args.study, storage=storage, tracking_uri=tracking, work_dir=work_dir, data=args.data,
+                       n_trials=args.n_trials, epochs=args.epochs, timeout=args.timeout, gpus=gpus,
+                       trials_per_gpu=args.trials_per_gpu, seed=args.seed + args.worker_index,
+                       register_name=args.register_name, resume=args.resume, heartbeat=args.heartbeat,
+                       full_budget=args.full_budget or (bool(gpus) and args.data is not None),
+                       worker=args.worker_name or "w0")
+    budget = budget_of(spec, opts)
+    is_launcher = args.worker_name is None
+    if is_launcher:
+        which = "full" if opts.full_budget else "demo"
+        device = f"GPUs {list(gpus)}" if gpus else "CPU (no CUDA device found: running trials on the CPU)"
+        print(f"study {spec.name}: {which} budget, {budget.trials} trials x {budget.epochs} epochs at "
+              f"{budget.image_size}px on {device}\n  storage:  {redact_uri(storage)}\n  tracking: "
+              f"{redact_uri(tracking) if tracking else 'off (--no-tracking)'}", flush=True)
+    store = _store(args.data, work_dir, budget.image_size, announce=is_launcher)
+    if store.image_size != budget.image_size:
+        raise ValueError(f"--data {args.data}: store holds {store.image_size}px slices but the study budget "
+                         f"trains at {budget.image_size}px (re-ingest with --size {budget.image_size})")
+    study = open_study(spec, opts)                      # creates the study once; workers join it
+    parent = None
+    if tracking is not None:
+        parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}") if is_launcher
+                  else study.user_attrs.get("mlflow_parent_run_id"))
+    return TuneContext(spec=spec, opts=opts, store=store, parent_run_id=parent, is_launcher=is_launcher)
+
+
+def _store(data: Path | None, work_dir: Path, size: int, announce: bool):
+    from mrigen.data import SliceStore, build_demo_store
+
+    if data is not None:
+        return SliceStore.open(data)
+    store = build_demo_store(work_dir / f"demo-{size}", size=size)
+    if announce:
+        print(f"  data:     generated demo cohort -> {store.path} (pass --data STORE for IXI)", flush=True)
+    return store
+
+
+def finish(ctx: TuneContext, study: optuna.Study) -> None:
+    """Summarise to the parent run, make sure the best trial is the champion, print where to look."""
+    opts, spec = ctx.opts, ctx.spec
+    if ctx.parent_run_id:
+        summarise(study, opts.tracking_uri, ctx.parent_run_id)
+    print("\n" + summary_table(study))
+    if opts.tracking_uri is None:
+        return
+    name = opts.register_name or f"mrigen-{spec.name}"
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        print(f"\nno trial completed; see the log above. Nothing was registered under {name}.")
+        return
+    best = study.best_trial
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id:
+        from mrigen.registry import ensure_registered
+
+        ensure_registered(run_id, name, metric=spec.metric, value=best.value,
+                          greater_is_better=spec.greater_is_better, tracking_uri=opts.tracking_uri)
+    from mrigen.tracking import redact_uri
+
+    uri = redact_uri(opts.tracking_uri)
+    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}")
+    print(f"\nbest trial {best.number}: {spec.metric}={best.value:.4f} params={best.params}\n"
+          f"  compare trials:  {ui}\n"
+          f"  champion model:  models:/{name}@champion\n"
+          f"  generate slices: MLFLOW_TRACKING_URI={uri} python -m mrigen.generate "
+          f"--model models:/{name}@champion -n 16 --out synthetic/")

@@ -1,0 +1,157 @@
+"""Create or join an Optuna study, run its workers (one process per GPU slot, or in-process on CPU), summarise.
+
+Every worker, on this machine or another, joins the same study through the same storage; the study's trial
+budget is a total over all workers (`MaxTrialsCallback` counts finished trials), so workers can come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from mrigen.tune.objective import TrialRunner
+from mrigen.tune.study import Budget, StudySpec
+
+__all__ = ["TuneOptions", "make_storage", "open_study", "run_worker", "run_study", "FINISHED"]
+
+log = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """Resolved command-line options of `python -m mrigen.tune`."""
+
+    study: str                               # study name in experiments/ or a path to a study file
+    storage: str                             # Optuna storage URL (secrets inside stay out of logs)
+    tracking_uri: str | None                 # MLflow tracking URI; None = no tracking (--no-tracking)
+    work_dir: Path                           # demo data, trial outputs, embedded databases
+    data: Path | None = None                 # slice store; None = generated demo cohort
+    n_trials: int | None = None              # override of the budget's trial count
+    epochs: int | None = None                # override of the budget's epochs per trial
+    timeout: float | None = None             # seconds after which this worker starts no new trial
+    gpus: tuple[int, ...] = ()               # GPU ids to use; () = CPU or the single default device
+    trials_per_gpu: int = 1                  # concurrent trial processes per GPU
+    seed: int = 0                            # sampler seed (each worker adds its index)
+    heartbeat: int = 10                      # seconds between trial heartbeats (stale trials are retried)
+    register_name: str | None = None         # registered model name; default "mrigen-<study>"
+    resume: bool = False                     # the study must already exist
+    full_budget: bool = False                # use the study's full budget (GPU + real data) vs demo_budget
+    worker: str = "w0"                       # this worker's name (set for spawned workers)
+
+
+def make_storage(url: str, heartbeat: int) -> RDBStorage:
+    """RDB storage with heartbeats (stale trials -> FAIL and retried with the same params) and pre-ping."""
+    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=2), engine_kwargs=engine_kwargs)
+
+
+def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    kwargs = {k: v for k, v in spec.pruner.items() if k != "type"}
+    kind = spec.pruner.get("type", "median")
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**kwargs)
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(**kwargs)
+    return optuna.pruners.HyperbandPruner(**kwargs)
+
+
+def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0) -> optuna.Study:
+    """Create the study once, or join it (every worker calls this with the same storage)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mrigen.tracking import redact_uri
+
+    try:
+        storage = make_storage(opts.storage, opts.heartbeat)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ValueError(f"cannot open Optuna storage {redact_uri(opts.storage)}: {reason}") from exc
+    if opts.resume and spec.name not in optuna.get_all_study_names(storage):
+        raise ValueError(f"--resume: no study named {spec.name!r} in the storage; start it without --resume")
+    sampler = optuna.samplers.TPESampler(seed=opts.seed + worker_index)
+    return optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=_pruner(spec),
+                               direction=spec.direction, load_if_exists=True)
+
+
+def budget_of(spec: StudySpec, opts: TuneOptions) -> Budget:
+    """The budget this run uses: the study's full or demo budget, with --n-trials / --epochs applied."""
+    b = spec.budget if opts.full_budget else spec.demo_budget
+    return replace(b, trials=opts.n_trials or b.trials, epochs=opts.epochs or b.epochs)
+
+
+class _StopAfterFailures:
+    """Stops the study when failures outnumber its trial budget (a broken config must not loop forever)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        if failed > self.limit:
+            log.error("study %s: %d trials failed (limit %d); stopping", study.study_name, failed, self.limit)
+            study.stop()
+
+
+def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | None,
+               worker_index: int = 0) -> optuna.Study:
+    """Run trials in this process until the study has its budget of finished trials (or the timeout)."""
+    budget = budget_of(spec, opts)
+    study = open_study(spec, opts, worker_index)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if done >= budget.trials:
+        print(f"[{opts.worker}] study {spec.name} already has {done}/{budget.trials} finished trials; "
+              f"nothing to do (raise --n-trials to add more)")
+        return study
+    runner = TrialRunner(spec=spec, store=store, budget=budget, tracking_uri=opts.tracking_uri,
+                         experiment=f"mrigen-{spec.name}", parent_run_id=parent_run_id,
+                         registered_name=opts.register_name or f"mrigen-{spec.name}", work_dir=opts.work_dir,
+                         worker=opts.worker)
+    study.optimize(runner, n_trials=None, timeout=opts.timeout, gc_after_trial=True,
+                   callbacks=[optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
+                              _StopAfterFailures(budget.trials)])
+    return study
+
+
+def spawn_workers(opts: TuneOptions, argv: list[str]) -> int:
+    """One worker process per (GPU, slot); returns the worst exit code. Ctrl-C is forwarded to all."""
+    procs: list[subprocess.Popen] = []
+    for gpu in opts.gpus:
+        for slot in range(opts.trials_per_gpu):
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+            cmd = [sys.executable, "-m", "mrigen.tune", *argv, "--worker-name", f"gpu{gpu}.{slot}",
+                   "--worker-index", str(len(procs))]
+            procs.append(subprocess.Popen(cmd, env=env))
+    print(f"started {len(procs)} worker processes on GPUs {list(opts.gpus)} "
+          f"({opts.trials_per_gpu} per GPU)", flush=True)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        codes = [p.wait() for p in procs]
+        raise
+    return max(codes, default=0)
+
+
+def run_study(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | None,
+              argv: list[str] | None = None) -> optuna.Study:
+    """Run the study here (CPU or one device) or through spawned GPU workers; return the loaded study."""
+    if opts.gpus and argv is not None and (len(opts.gpus) > 1 or opts.trials_per_gpu > 1):
+        code = spawn_workers(opts, argv)
+        if code != 0:
+            log.warning("a worker exited with code %d", code)
+        return open_study(spec, opts)
+    return run_worker(spec, opts, store, parent_run_id)

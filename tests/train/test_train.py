@@ -1,0 +1,140 @@
+"""Training loop: validation, hooks, early stop, exact resume, VQ-VAE prior stage, CLI outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mrigen.train import Hook, StopTraining, TrainConfig, train
+from mrigen.train.configs import build_configs, parse_overrides
+from mrigen.train.state import CheckpointError
+
+SMALL = {"image_size": 32, "blocks": 3}
+FAST = {"batch_size": 16, "final_eval": False, "grid_every": 0, "prior_epochs": 2, "lr": 1e-3}
+
+
+def configs(family="vae", epochs=2, **train_kw):
+    return build_configs(family, {"model": SMALL, "train": {**FAST, "epochs": epochs, **train_kw}})
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("beta", -1.0),
+                                         ("recon", "huber"), ("amp", "fp8"), ("free_bits", -0.1),
+                                         ("prior_epochs", -1)])
+def test_invalid_train_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ValueError, match="bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="SECTION.FIELD"):
+        parse_overrides(["lr=1"])
+
+
+def test_vae_validation_loss_decreases_and_metrics_are_finite(demo_store):
+    model_cfg, train_cfg = configs(epochs=3)
+    result = train(model_cfg, train_cfg, demo_store, progress=False)
+    losses = [h["val_loss"] for h in result.history]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0]
+    for h in result.history:
+        assert all(torch.isfinite(torch.tensor(v)) for v in h.values())
+        assert 0.0 <= h["val_ssim"] <= 1.0
+        assert 0 <= h["active_units"] <= model_cfg.latent_dim
+
+
+def test_resume_continues_the_same_loss_curve(demo_store, tmp_path):
+    model_cfg, train_cfg = configs(epochs=3)
+    straight = train(model_cfg, train_cfg, demo_store, out_dir=tmp_path / "a", progress=False)
+    _, two = configs(epochs=2)
+    train(model_cfg, two, demo_store, out_dir=tmp_path / "b", progress=False)
+    resumed = train(model_cfg, train_cfg, demo_store, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed.epochs_run == 3
+    for a, b in zip(straight.history, resumed.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_resume_with_another_config_is_refused(demo_store, tmp_path):
+    model_cfg, train_cfg = configs(epochs=1)
+    train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, progress=False)
+    _, other = configs(epochs=2, lr=3e-4)
+    with pytest.raises(CheckpointError, match="another config"):
+        train(model_cfg, other, demo_store, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(demo_store, tmp_path):
+    model_cfg, train_cfg = configs(epochs=1)
+    with pytest.raises(CheckpointError, match="no state.json"):
+        train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_hook_can_stop_training_early(demo_store):
+    class StopAtFirst(Hook):
+        seen: list = []
+
+        def on_epoch_end(self, ctx, epoch, metrics):
+            self.seen.append(epoch)
+            raise StopTraining("enough")
+
+        def on_end(self, ctx, result):
+            self.ended = result
+
+    hook = StopAtFirst()
+    model_cfg, train_cfg = configs(epochs=5)
+    result = train(model_cfg, train_cfg, demo_store, hooks=[hook], progress=False)
+    assert result.stopped_early and result.stop_reason == "enough"
+    assert result.epochs_run == 1 and hook.seen == [0]
+    assert hook.ended is result
+
+
+def test_vqvae_trains_its_prior_and_can_sample(demo_store):
+    model_cfg, train_cfg = configs("vqvae", epochs=1)
+    result = train(model_cfg, train_cfg, demo_store, progress=False)
+    assert len(result.extra["prior_loss"]) == 2
+    assert result.extra["prior_loss"][-1] < result.extra["prior_loss"][0]
+    samples = result.model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 1, 32, 32)
+    assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
+    assert "val_perplexity" in result.history[0]
+
+
+def test_image_size_mismatch_is_refused(demo_store):
+    model_cfg, train_cfg = build_configs("vae", {"model": {"image_size": 64, "blocks": 3}})
+    with pytest.raises(ValueError, match="image_size=64"):
+        train(model_cfg, train_cfg, demo_store, progress=False)
+
+
+def test_final_evaluation_reports_quality_metrics(demo_store):
+    model_cfg, train_cfg = configs(epochs=1, final_eval=True)
+    result = train(model_cfg, train_cfg, demo_store, progress=False)
+    for key in ("ssim", "psnr", "fd", "fd_real", "precision", "recall", "diversity"):
+        assert key in result.val_metrics
+
+
+def test_cli_writes_metrics_model_grids_and_curves(demo_store, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mrigen.train", "--data", str(demo_store.path), "--model", "vae",
+           "--epochs", "2", "--out", str(out), "--set", "model.image_size=32", "--set", "model.blocks=3",
+           "--set", "train.batch_size=16", "--set", "train.grid_every=1", "--set", "train.final_eval=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and "val_ssim" in metrics["val"]
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "loss_curves.png").is_file()
+    assert (out / "grids" / "reconstruction_epoch_000.png").is_file()
+    assert (out / "grids" / "samples_epoch_001.png").is_file()
+
+
+def test_cli_bad_override_is_one_line_error(demo_store, tmp_path):
+    cmd = [sys.executable, "-m", "mrigen.train", "--data", str(demo_store.path), "--set", "model.kernel_size=7",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "kernel_size" in proc.stderr
