@@ -111,6 +111,21 @@ def _store(data: Path | None, work_dir: Path, size: int, announce: bool):
     return store
 
 
+def _ensure_champion(run_id: str, name: str, spec: StudySpec, value: float, tracking_uri: str) -> None:
+    """Register the best trial's model unless a version of it exists, then promote it if it is the best."""
+    from mlflow import MlflowClient
+
+    from mrigen.registry import promote_if_better, register
+
+    client = MlflowClient(tracking_uri)
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = versions[0].version if versions else register(
+        run_id, name, metric=spec.metric, value=value, greater_is_better=spec.greater_is_better,
+        tracking_uri=tracking_uri)
+    promote_if_better(name, version, metric=spec.metric, greater_is_better=spec.greater_is_better,
+                      tracking_uri=tracking_uri)
+
+
 def finish(ctx: TuneContext, study: optuna.Study) -> None:
     """Summarise to the parent run, make sure the best trial is the champion, print where to look."""
     opts, spec = ctx.opts, ctx.spec
@@ -127,10 +142,7 @@ def finish(ctx: TuneContext, study: optuna.Study) -> None:
     best = study.best_trial
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
-        from mrigen.registry import ensure_registered
-
-        ensure_registered(run_id, name, metric=spec.metric, value=best.value,
-                          greater_is_better=spec.greater_is_better, tracking_uri=opts.tracking_uri)
+        _ensure_champion(run_id, name, spec, best.value, opts.tracking_uri)
     from mrigen.tracking import redact_uri
 
     uri = redact_uri(opts.tracking_uri)

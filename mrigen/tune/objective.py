@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -86,7 +87,8 @@ class TrialRunner:
         if tracker is not None:
             hooks.append(tracker)
         out_dir = self.work_dir / "trials" / f"{self.spec.name}-{trial.number:04d}"
-        result = train(model_cfg, train_cfg, self.store, out_dir=out_dir, hooks=hooks, progress=False)
+        with tracker if tracker is not None else contextlib.nullcontext():   # a crash marks the run FAILED
+            result = train(model_cfg, train_cfg, self.store, out_dir=out_dir, hooks=hooks, progress=False)
         if tracker is not None and getattr(tracker, "run_id", None):
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
         if result.stopped_early:

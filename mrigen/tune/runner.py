@@ -119,7 +119,9 @@ def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | N
                          experiment=f"mrigen-{spec.name}", parent_run_id=parent_run_id,
                          registered_name=opts.register_name or f"mrigen-{spec.name}", work_dir=opts.work_dir,
                          worker=opts.worker)
-    study.optimize(runner, n_trials=None, timeout=opts.timeout, gc_after_trial=True,
+    # A failing trial (bad region of the space, out of memory...) is logged by Optuna with its traceback and
+    # marked FAIL; the study goes on, and _StopAfterFailures ends it if failures outnumber the budget.
+    study.optimize(runner, n_trials=None, timeout=opts.timeout, gc_after_trial=True, catch=(Exception,),
                    callbacks=[optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
                               _StopAfterFailures(budget.trials)])
     return study

@@ -11,7 +11,7 @@ description: tiny VAE study for tests
 family: vae
 base:
   model: {blocks: 3}
-  train: {batch_size: 16, grid_every: 1, eval_samples: 32}
+  train: {batch_size: 16, grid_every: 1}
 search_space:
   train.lr: {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
   model.kernel_size: {type: categorical, choices: [3, 4]}

@@ -1,0 +1,81 @@
+"""Log a trained model as an MLflow pyfunc "model from code" (no pickle in the load path).
+
+The logged model holds `pyfunc_model.py` (this package's code file), the `model_dir` artifact written by
+`mrigen.models.save_model` (model.safetensors + config.json), a signature and an input example. It is an MLflow 3
+LoggedModel named "model" created in the run's own experiment, so `runs:/<run_id>/model` and
+`models:/<name>@<alias>` both resolve to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+import mrigen
+from mrigen.tracking.client import use_tracking_uri
+
+__all__ = ["PYFUNC_MODEL_PATH", "MODEL_NAME", "model_signature", "log_pyfunc_model", "pip_requirements"]
+
+PYFUNC_MODEL_PATH = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME = "model"                       # artifact name: runs:/<run_id>/model
+
+
+def model_signature(image_size: int) -> ModelSignature:
+    """Signature: input columns n (required), seed (optional); output float32 (n, H, W); param batch_size."""
+    inputs = Schema([ColSpec("long", "n"), ColSpec("long", "seed", required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, image_size, image_size))])
+    params = ParamSchema([ParamSpec("batch_size", "long", 64)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def pip_requirements() -> list[str]:
+    """What an environment needs to load the model (given explicitly: MLflow's inference is slow)."""
+    import torch
+
+    base = torch.__version__.split("+")[0]
+    return [f"mrigen=={mrigen.__version__}", f"mlflow>={mlflow.__version__.split('.dev')[0]}", f"torch>={base}",
+            "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0"]
+
+
+def log_pyfunc_model(client: MlflowClient, tracking_uri: str, run_id: str, model_dir: Path, image_size: int,
+                     *, step: int = 0) -> str:
+    """Log `model_dir` as the run's pyfunc model; return its `models:/<model_id>` URI.
+
+    Args:
+        client: client on `tracking_uri`.
+        tracking_uri: the run's tracking URI.
+        run_id: the (open) run the model belongs to.
+        model_dir: folder written by `mrigen.models.save_model`.
+        image_size: H = W of the generated slices (for the signature).
+        step: training step (epoch) the model corresponds to.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file() or not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a saved mrigen model (needs model.safetensors and config.json)")
+    run = client.get_run(run_id)
+    # Created explicitly in the run's experiment: MLflow would otherwise put it in the process's active one.
+    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        model_type="mrigen-generator")
+    try:
+        with use_tracking_uri(tracking_uri):
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(PYFUNC_MODEL_PATH),
+                artifacts={"model_dir": str(model_dir)},
+                signature=model_signature(image_size),
+                input_example={"n": 2, "seed": 0},
+                pip_requirements=pip_requirements(),
+                model_id=logged.model_id,
+            )
+        client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=step)])
+        client.finalize_logged_model(logged.model_id, "READY")
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    return f"models:/{logged.model_id}"
