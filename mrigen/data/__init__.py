@@ -2,6 +2,7 @@
 
     python -m mrigen.data demo --out DIR          # generated IXI-like cohort (no download)
     python -m mrigen.data ingest --ixi DIR --out STORE
+    python -m mrigen.data verify --ixi DIR --store STORE   # sources still match the store's sha256 manifest?
     python -m mrigen.data fetch-ixi --out DIR     # the real IXI tarball
 
 Training code uses :class:`SliceStore` (``SliceStore.open(path)``) and :func:`build_demo_store`.
@@ -13,8 +14,9 @@ from mrigen.data.demo import make_demo_cohort
 from mrigen.data.fetch import FetchError, fetch_ixi
 from mrigen.data.ingest import IngestError, ingest
 from mrigen.data.store import SliceStore, StoreError
+from mrigen.data.verify import SourceChanges, verify_sources
 
 __all__ = [
     "IngestConfig", "SliceStore", "StoreError", "IngestError", "FetchError",
-    "ingest", "make_demo_cohort", "build_demo_store", "fetch_ixi",
+    "ingest", "make_demo_cohort", "build_demo_store", "fetch_ixi", "SourceChanges", "verify_sources",
 ]

@@ -1,4 +1,4 @@
-"""``python -m mrigen.data {demo,ingest,fetch-ixi}``: the data pipeline's command line."""
+"""``python -m mrigen.data {demo,ingest,verify,fetch-ixi}``: the data pipeline's command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mrigen.data.demo import make_demo_cohort
 from mrigen.data.fetch import IXI_DEMOGRAPHICS_URL, IXI_URLS, FetchError, fetch_ixi
 from mrigen.data.ingest import IngestError, ingest
 from mrigen.data.store import StoreError
+from mrigen.data.verify import verify_sources
 
 __all__ = ["main", "build_parser"]
 
@@ -19,7 +20,7 @@ _D = IngestConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with the three sub-commands."""
+    """The argparse parser with the four sub-commands."""
     p = argparse.ArgumentParser(prog="python -m mrigen.data", description="IXI data pipeline for mrigen.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--workers", type=int, default=_D.workers, help="worker processes, 0 = all CPUs (default 0)")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing store (atomically)")
 
+    ver = sub.add_parser("verify", help="check source files against a store's sha256 manifest (exit 1 on any change)",
+                         description="Hash the files ingest would read from --ixi (volumes of the store's modality "
+                                     "and the demographics table) and compare them with the sha256s recorded in "
+                                     "the store's manifest. Prints one line per changed, added or removed file "
+                                     "and exits 1 if there is any; a recompressed file with the same voxels "
+                                     "counts as changed (the manifest vouches for bytes).")
+    ver.add_argument("--ixi", type=Path, required=True, help="directory of the source volumes")
+    ver.add_argument("--store", type=Path, required=True, help="slice store whose manifest is the reference")
+
     fetch = sub.add_parser("fetch-ixi", help="download + verify + extract an IXI tarball (resumable)")
     fetch.add_argument("--out", type=Path, required=True, help="directory for the extracted volumes")
     fetch.add_argument("--modality", choices=list(IXI_URLS), default="T1", help="default %(default)s")
@@ -74,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
                                min_brain=args.min_brain, percentiles=tuple(args.percentiles),
                                split=tuple(args.split), seed=args.seed, workers=args.workers)
             ingest(args.ixi, args.out, cfg, overwrite=args.overwrite)
+        elif args.command == "verify":
+            changes = verify_sources(args.ixi, args.store)
+            for kind, names in (("changed", changes.changed), ("added", changes.added), ("removed", changes.removed)):
+                for name in names:
+                    print(f"{kind}: {name}")
+            print(f"verify: {changes.summary()} vs {args.store}", file=sys.stdout if changes.clean else sys.stderr)
+            return 0 if changes.clean else 1
         else:
             fetch_ixi(args.out, args.modality, args.url, None if args.no_demographics else args.demographics_url,
                       args.sha256, args.keep_archive)

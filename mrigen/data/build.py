@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from mrigen.data.config import IngestConfig
 from mrigen.data.demo import make_demo_cohort
 from mrigen.data.ingest import ingest
 from mrigen.data.store import SliceStore, StoreError
+from mrigen.locks import file_lock
 
 __all__ = ["build_demo_store", "auto_voxel_scale"]
 
@@ -21,17 +19,6 @@ _COHORT_MARKER = "cohort.json"
 def auto_voxel_scale(size: int) -> int:
     """Coarsest demo voxel scale (1-4) that still gives >= 2 voxels per output pixel of a 240 mm field."""
     return max(1, min(4, int(240.0 / size / (2 * 0.9375))))
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Exclusive lock so concurrent callers (parallel tuning workers) build a cache entry once."""
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_demo_store(work_dir: Path | str, subjects: int = 24, size: int = 128, seed: int = 0, workers: int = 0,
@@ -55,7 +42,7 @@ def build_demo_store(work_dir: Path | str, subjects: int = 24, size: int = 128, 
     root = Path(work_dir) / f"demo-{modality}-n{subjects}-seed{seed}-v{scale}"
     cohort, store_path = root / "ixi", root / f"store-{size}"
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
+    with file_lock(root / ".lock"):
         marker = {"subjects": subjects, "seed": seed, "modality": modality, "voxel_scale": scale}
         marker_path = cohort / _COHORT_MARKER
         if not marker_path.is_file() or json.loads(marker_path.read_text()) != marker:

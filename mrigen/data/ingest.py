@@ -25,8 +25,9 @@ from mrigen import __version__
 from mrigen.data.config import IngestConfig
 from mrigen.data.ixi import IXIFile, discover, find_demographics, read_demographics
 from mrigen.data.slicing import SliceError, extract_slices
-from mrigen.data.store import SLICE_COLUMNS, SPLITS, SliceStore, write_store
+from mrigen.data.store import SLICE_COLUMNS, SPLITS, SliceStore, StoreError, write_store
 from mrigen.data.validate import VolumeError, read_volume
+from mrigen.data.verify import SourceChanges, compare_sources, recorded_sources
 
 __all__ = ["ingest", "IngestError", "VolumeResult", "process_volume", "split_subjects"]
 
@@ -134,12 +135,31 @@ def _run(files: list[IXIFile], cfg: IngestConfig, progress: bool) -> list[Volume
     return sorted(results, key=lambda r: r.file)
 
 
+def _changes_since(out: Path, current: dict[str, str | None]) -> tuple[SourceChanges | None, str | None]:
+    """Compare this run's sources with those of the store at ``out`` (None when there is none or it is unreadable)."""
+    if not out.exists():
+        return None, None
+    try:
+        old = SliceStore.open(out)
+    except StoreError as exc:
+        log.warning("cannot compare sources with the existing store: %s", exc)
+        return None, None
+    changes = compare_sources(recorded_sources(old.manifest), current)
+    for kind, names in (("changed", changes.changed), ("added", changes.added), ("removed", changes.removed)):
+        for name in names:
+            log.warning("source %s since the existing store %s: %s", kind, out, name)
+    return changes, old.digest
+
+
 def ingest(ixi_dir: Path | str, out: Path | str, cfg: IngestConfig = IngestConfig(), overwrite: bool = False,
            progress: bool = True) -> SliceStore:
     """Build a slice store from the IXI volumes of ``cfg.modality`` in ``ixi_dir``.
 
     Bad files are skipped with one warning line each (and listed in ``manifest["report"]["skipped"]``);
-    names that do not follow the IXI pattern are reported and ignored.
+    names that do not follow the IXI pattern are reported and ignored. When ``overwrite`` replaces a store, the
+    sha256 of every source (volumes, demographics) is compared with the old store's manifest first; changed,
+    added and removed files are logged by name, counted in the summary line and kept in
+    ``manifest["report"]["source_changes"]``.
 
     Raises:
         IngestError: if no usable volume remains.
@@ -149,7 +169,8 @@ def ingest(ixi_dir: Path | str, out: Path | str, cfg: IngestConfig = IngestConfi
     t0 = time.perf_counter()
     ixi_dir, out = Path(ixi_dir), Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it "
+                              f"(python -m mrigen.data verify --ixi {ixi_dir} --store {out} lists changed sources)")
     files, unmatched = discover(ixi_dir, cfg.modality)
     for path in unmatched:
         log.warning("ignored %s: name does not follow IXI<id>-<Guys|HH|IOP>-<nnnn>-<mod>.nii.gz", path.name)
@@ -162,6 +183,9 @@ def ingest(ixi_dir: Path | str, out: Path | str, cfg: IngestConfig = IngestConfi
         log.warning("demographics %s: %s", demo_path.name, line)  # type: ignore[union-attr]
 
     results = _run(files, cfg, progress)
+    demo_sha = hashlib.sha256(demo_path.read_bytes()).hexdigest() if demo_path else None
+    current = {r.file: r.sha256 for r in results} | ({demo_path.name: demo_sha} if demo_path else {})
+    changes, previous = _changes_since(out, current)
     by_name = {f.path.name: f for f in files}
     used = [r for r in results if r.reason is None]
     skipped = [{"file": r.file, "reason": r.reason, "sha256": r.sha256} for r in results if r.reason is not None]
@@ -207,15 +231,16 @@ def ingest(ixi_dir: Path | str, out: Path | str, cfg: IngestConfig = IngestConfi
             "skipped": skipped,
             "unmatched": [p.name for p in unmatched],
             "demographics": None if demo is None else {
-                "file": demo_path.name, "sha256": hashlib.sha256(demo_path.read_bytes()).hexdigest(),  # type: ignore
-                "dropped": list(demo.dropped)},
+                "file": demo_path.name, "sha256": demo_sha, "dropped": list(demo.dropped)},  # type: ignore[union-attr]
+            "source_changes": None if changes is None else dict(changes.as_dict(), previous_store=previous),
         },
     }
     store = write_store(out, blocks, manifest, overwrite=overwrite)
     counts = " / ".join(f"{s} {r['stop'] - r['start']}" for s, r in ranges.items())
     summary = (f"ingest: {len(used)} {cfg.modality} volumes ({len(sites)} subjects) -> {row} slices "
                f"at {cfg.size}px ({counts}); {len(skipped)} skipped, {len(unmatched)} unmatched names; "
-               f"{time.perf_counter() - t0:.1f} s -> {out}")
+               + (f"sources vs the replaced store: {changes.summary()}; " if changes is not None else "")
+               + f"{time.perf_counter() - t0:.1f} s -> {out}")
     if progress:
         print(summary, file=sys.stderr)
     log.info(summary)

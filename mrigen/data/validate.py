@@ -23,6 +23,7 @@ __all__ = ["VolumeError", "Volume", "read_volume", "MIN_DIM"]
 
 MIN_DIM = 8  # smallest accepted size of each axis, in voxels
 _VOXEL_MM = (0.01, 50.0)  # plausible voxel size range (mm)
+_TRAILING = 1 << 26  # bytes a gzip stream may decode to past the declared image (checked for its CRC, then dropped)
 _DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "f4", "f8"}  # dtype kind+size accepted
 
 
@@ -58,7 +59,7 @@ def _header(path: Path, head: bytes) -> nib.Nifti1Header:
         raise VolumeError(path, f"not a NIfTI file (header size field {le}, expected 348 or 540)")
     try:
         header = klass.from_fileobj(io.BytesIO(head), check=True)
-    except (HeaderDataError, ValueError, struct.error) as exc:
+    except (HeaderDataError, ValueError, OverflowError, struct.error) as exc:  # nibabel: int(inf) in its checks
         raise VolumeError(path, f"invalid NIfTI header ({exc})") from exc
     if header["magic"].item() not in (b"n+1", b"n+2"):
         raise VolumeError(path, f"NIfTI magic {header['magic'].item()!r}: not a single-file .nii image")
@@ -82,6 +83,9 @@ def _check_header(path: Path, header: nib.Nifti1Header, max_voxels: int) -> tupl
     if nvox > max_voxels:
         raise VolumeError(path, f"header declares {nvox:,} voxels (shape {shape}), over max_voxels={max_voxels:,}; "
                                 "not loading it")
+    offset = float(header["vox_offset"])
+    if not (np.isfinite(offset) and header.single_vox_offset <= offset <= 1 << 30):
+        raise VolumeError(path, f"vox_offset {offset:g} outside {header.single_vox_offset}-{1 << 30}")
     affine = header.get_best_affine()
     if not np.isfinite(affine).all():
         raise VolumeError(path, "affine has NaN/Inf entries")
@@ -95,20 +99,37 @@ def _check_header(path: Path, header: nib.Nifti1Header, max_voxels: int) -> tupl
     return shape, dtype
 
 
-def _decompress(path: Path, raw: bytes, limit: int) -> bytes:
-    """Decode gzip members (several are allowed) up to ``limit`` bytes of output."""
-    out, rest = [], raw
-    got = 0
+def _decompress(path: Path, raw: bytes, limit: int, whole: bool = False) -> bytes:
+    """Decode gzip members (several are allowed) up to ``limit`` bytes of output.
+
+    With ``whole``, the rest of the stream is decoded too (and discarded, at most ``_TRAILING`` bytes past
+    ``limit``) so that every member's CRC-32 and length are checked: damaged deflate data that still decodes
+    gives a wrong checksum instead of silently wrong voxels. Trailing NUL padding after the last member is allowed.
+    """
+    out, rest, got, extra = [], raw, 0, 0
     try:
-        while rest and got < limit:
-            d = zlib.decompressobj(wbits=31)
-            chunk = d.decompress(rest, limit - got)
-            out.append(chunk)
-            got += len(chunk)
-            if got >= limit:
-                break
+        while rest and (whole or got < limit):
+            if got and not rest.strip(b"\0"):
+                break  # NUL padding after the last member
+            d, buf = zlib.decompressobj(wbits=31), rest
+            while not d.eof:
+                if got < limit:
+                    chunk = d.decompress(buf, limit - got)
+                    out.append(chunk)
+                    got += len(chunk)
+                elif not whole:
+                    break
+                else:
+                    chunk = d.decompress(buf, 1 << 20)  # decoded only for the checksum
+                    extra += len(chunk)
+                    if extra > _TRAILING:
+                        raise VolumeError(path, f"gzip stream holds over {_TRAILING:,} bytes past the "
+                                                f"{limit:,} the header declares")
+                if not chunk and (not buf or len(d.unconsumed_tail) == len(buf)):
+                    raise VolumeError(path, f"truncated gzip stream (ends after {got:,} bytes)")
+                buf = d.unconsumed_tail
             if not d.eof:
-                raise VolumeError(path, f"truncated gzip stream (ends after {got:,} bytes)")
+                break
             rest = d.unused_data
     except zlib.error as exc:
         raise VolumeError(path, f"corrupt gzip data ({exc})") from exc
@@ -144,13 +165,16 @@ def _decode(path: Path, raw: bytes, sha: str, max_voxels: int) -> Volume:
     shape, dtype = _check_header(path, header, max_voxels)
     offset = int(header.get_data_offset())
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    body = _decompress(path, raw, offset + nbytes) if gz else raw
+    body = _decompress(path, raw, offset + nbytes, whole=True) if gz else raw
     if len(body) < offset + nbytes:
         raise VolumeError(path, f"truncated: {len(body) - offset:,} data bytes, header declares {nbytes:,}")
     data = np.frombuffer(body, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape[:3], order="F")
     if not dtype.isnative:
         data = data.astype(dtype.newbyteorder("="))
-    slope, inter = header.get_slope_inter()
+    try:
+        slope, inter = header.get_slope_inter()
+    except HeaderDataError as exc:  # e.g. a valid scl_slope with a NaN/Inf scl_inter
+        raise VolumeError(path, f"invalid intensity scaling ({exc})") from exc
     if slope is not None and (slope < 0 or not np.isfinite(slope) or not np.isfinite(inter or 0.0)):
         data = data * np.float32(slope) + np.float32(inter or 0.0)  # normalisation only ignores slope > 0
     if data.dtype.kind == "f":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from mrigen.locks import file_lock
 from mrigen.tune.report import ensure_parent_run, summarise, summary_table
 from mrigen.tune.runner import TuneOptions, budget_of, open_study, run_study
 from mrigen.tune.study import StudySpec, load_study
@@ -92,11 +94,14 @@ def prepare(args: argparse.Namespace) -> TuneContext:
     if store.image_size != budget.image_size:
         raise ValueError(f"--data {args.data}: store holds {store.image_size}px slices but the study budget "
                          f"trains at {budget.image_size}px (re-ingest with --size {budget.image_size})")
-    study = open_study(spec, opts)                      # creates the study once; workers join it
-    parent = None
-    if tracking is not None:
-        parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}") if is_launcher
-                  else study.user_attrs.get("mlflow_parent_run_id"))
+    # Local SQLite stores: the first process creates (migrates) each schema while the others wait for it.
+    local = storage.startswith("sqlite") or (tracking or "").startswith("sqlite")
+    with file_lock(work_dir / ".stores.lock") if local else contextlib.nullcontext():
+        study = open_study(spec, opts)                  # creates the study once; workers join it
+        parent = None
+        if tracking is not None:
+            parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}") if is_launcher
+                      else study.user_attrs.get("mlflow_parent_run_id"))
     return TuneContext(spec=spec, opts=opts, store=store, parent_run_id=parent, is_launcher=is_launcher)
 
 

@@ -30,7 +30,7 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
     if existing:
         return existing
     client = MlflowClient(tracking_uri)
-    exp_id = get_or_create_experiment(client, experiment)
+    exp_id = _with_retries(lambda: get_or_create_experiment(client, experiment), "open the MLflow tracking store")
     tags = {"mrigen.role": "study-parent", "optuna.study": spec.name, "mlflow.note.content": spec.description}
     mine = client.create_run(exp_id, run_name=f"{spec.name}-study", tags=tags).info.run_id
     runs = client.search_runs(
@@ -45,6 +45,25 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
             optuna_param("study.direction", spec.direction), optuna_param("study.file", spec.path.name)])
     study.set_user_attr(PARENT_ATTR, winner)
     return winner
+
+
+def _with_retries(fn, what: str, attempts: int = 5):
+    """Run `fn`, retrying when workers starting together race to create a local (SQLite) tracking schema."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, SQLAlchemyError) as exc:
+            if attempt + 1 == attempts:
+                raise
+            log.info("could not %s yet (%s); retrying", what, str(exc).splitlines()[0][:200])
+            time.sleep(0.5 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def optuna_param(key: str, value) -> "object":

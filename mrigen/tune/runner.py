@@ -51,7 +51,8 @@ class TuneOptions:
 
 def make_storage(url: str, heartbeat: int) -> RDBStorage:
     """RDB storage with heartbeats (stale trials -> FAIL and retried with the same params) and pre-ping."""
-    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # SQLite: wait for the file lock rather than fail when several local workers write at once.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                       failed_trial_callback=RetryFailedTrialCallback(max_retry=2), engine_kwargs=engine_kwargs)
 
@@ -68,22 +69,33 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(**kwargs)
 
 
-def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0) -> optuna.Study:
-    """Create the study once, or join it (every worker calls this with the same storage)."""
+def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0, attempts: int = 5) -> optuna.Study:
+    """Create the study once, or join it (every worker calls this with the same storage).
+
+    Workers starting together race to create the storage's tables; a loser retries after a short backoff.
+    """
+    import random
+    import time
+
     from sqlalchemy.exc import SQLAlchemyError
 
     from mrigen.tracking import redact_uri
 
-    try:
-        storage = make_storage(opts.storage, opts.heartbeat)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ValueError(f"cannot open Optuna storage {redact_uri(opts.storage)}: {reason}") from exc
-    if opts.resume and spec.name not in optuna.get_all_study_names(storage):
-        raise ValueError(f"--resume: no study named {spec.name!r} in the storage; start it without --resume")
-    sampler = optuna.samplers.TPESampler(seed=opts.seed + worker_index)
-    return optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=_pruner(spec),
-                               direction=spec.direction, load_if_exists=True)
+    for attempt in range(attempts):
+        try:
+            storage = make_storage(opts.storage, opts.heartbeat)
+            if opts.resume and spec.name not in optuna.get_all_study_names(storage):
+                raise ValueError(f"--resume: no study named {spec.name!r} in the storage; start it without --resume")
+            sampler = optuna.samplers.TPESampler(seed=opts.seed + worker_index)
+            return optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                       pruner=_pruner(spec), direction=spec.direction, load_if_exists=True)
+        except (SQLAlchemyError, ImportError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            if attempt + 1 == attempts or isinstance(exc, ImportError) or "connect" in reason.lower():
+                raise ValueError(f"cannot open Optuna storage {redact_uri(opts.storage)}: {reason}") from exc
+            log.info("storage busy (%s); retrying", reason)
+            time.sleep(0.5 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def budget_of(spec: StudySpec, opts: TuneOptions) -> Budget:

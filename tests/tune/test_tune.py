@@ -58,10 +58,11 @@ def test_three_trial_study_on_sqlite_then_generate(tiny_study, tune_store, tmp_p
 
 @pytest.mark.parametrize("args,needle", [
     (["--study", "no-such-study"], "unknown study"),
-    (["--study", "vae-kernels", "--storage", "postgresql+psycopg://u:secretpw@127.0.0.1:1/db"], "storage"),
-    (["--study", "vae-kernels", "--gpus", "x"], "--gpus"),
+    (["--study", "TINY", "--storage", "postgresql+psycopg://u:secretpw@127.0.0.1:1/db"], "storage"),
+    (["--study", "TINY", "--gpus", "x"], "--gpus"),
 ])
-def test_bad_input_is_one_clear_line(args, needle, tmp_path, tune_store):
+def test_bad_input_is_one_clear_line(args, needle, tmp_path, tune_store, tiny_study):
+    args = [str(tiny_study) if a == "TINY" else a for a in args]
     proc = tune([*args, "--work-dir", str(tmp_path / "w"), "--data", str(tune_store.path)], tmp_path, timeout=120)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
