@@ -13,21 +13,22 @@ mkdir -p /tmp/data && tar xzf .gpu-carry/store128.tgz -C /tmp/data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, mlflow, optuna; print('torch', torch.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__)"
 
-echo "== GPU tests"
-timeout 150 python3 -m pytest -q -m gpu tests/models tests/train -p no:cacheprovider -o addopts="" 2>&1 \
-  | tail -4 | tee "$OUT/pytest.txt"
-
 echo "== training throughput (128x128)"
 for fam in vae vqvae; do
   for b in 64 256; do
-    timeout 100 python3 bench/train_throughput.py --device cuda --family "$fam" --size 128 --batch "$b" \
-      --n 16384 --epochs 3 --json "$OUT/throughput.jsonl" 2>>"$OUT/bench.err" | tail -1
+    timeout 75 python3 bench/train_throughput.py --device cuda --family "$fam" --size 128 --batch "$b" \
+      --n 16384 --epochs 8 --json "$OUT/throughput.jsonl" 2>>"$OUT/bench.err" | tail -1
   done
 done
 
 echo "== study wall: vae-kernels, full budget (30 epochs, 128 px) on the demo store"
 timeout 200 python3 bench/study_wall.py --study vae-kernels --data /tmp/data/store-128 --full --n-trials 20 \
   --trials-per-gpu 4 --json "$OUT/study.jsonl" 2>>"$OUT/bench.err" | tail -1
-timeout 120 python3 bench/study_wall.py --study vae-kernels --data /tmp/data/store-128 --full --n-trials 6 \
+echo "== GPU tests"
+timeout 90 python3 -m pytest -q -m gpu tests/models tests/train tests/metrics -p no:cacheprovider -o addopts="" 2>&1 \
+  | tail -4 | tee "$OUT/pytest.txt"
+
+echo "== study wall, 1 trial at a time"
+timeout 100 python3 bench/study_wall.py --study vae-kernels --data /tmp/data/store-128 --full --n-trials 6 \
   --trials-per-gpu 1 --json "$OUT/study.jsonl" 2>>"$OUT/bench.err" | tail -1
 tail -20 "$OUT/bench.err" > "$OUT/bench_err_tail.txt"

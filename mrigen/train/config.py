@@ -36,7 +36,8 @@ class TrainConfig:
     eval_batch_size: int = 512       # images per forward pass in validation
     final_eval: bool = True          # run the full quality evaluation (FD, precision/recall...) at the end
     eval_samples: int = 0            # samples for the final evaluation; 0 = the largest allowed (half the split)
-    checkpoint_every: int = 1        # epochs between resumable checkpoints when an output dir is given; 0 = off
+    checkpoint_every_s: float = 300.0  # seconds between resumable checkpoints (with an output dir); one is always
+                                     # written after the last epoch; 0 = after every epoch
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "prior_batch_size", "eval_batch_size", "grid_n")
@@ -44,7 +45,7 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 1")
         non_negative = ("weight_decay", "ssim_weight", "beta", "kl_warmup_epochs", "free_bits", "prior_epochs",
-                        "grid_every", "eval_samples", "checkpoint_every")
+                        "grid_every", "eval_samples", "checkpoint_every_s")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")

@@ -161,7 +161,8 @@ def json_round(d: dict) -> dict:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Path | None = None,
-          hooks: Iterable[Hook] = (), resume: bool = False, progress: bool = True) -> TrainResult:
+          hooks: Iterable[Hook] = (), resume: bool = False, progress: bool = True,
+          checkpoints: bool = True) -> TrainResult:
     """Train one model on a slice store, validate every epoch, evaluate at the end.
 
     Args:
@@ -172,6 +173,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
         hooks: `Hook` objects (local logger, MLflow logger, Optuna pruning...).
         resume: continue from `out_dir/checkpoint` (same configs and data required).
         progress: show a tqdm bar over epochs.
+        checkpoints: write resumable checkpoints to `out_dir/checkpoint` (tuning trials turn this off: a
+            retried trial restarts from scratch, and a checkpoint of the thesis VAE is ~0.7 GB).
 
     Returns:
         TrainResult with the trained model, per-epoch history and final validation metrics.
@@ -202,7 +205,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = opt_cls(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, **kwargs)
 
-    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None and (checkpoints or resume) else None
     history: list[dict[str, float]] = []
     start_epoch = 0
     if resume:
@@ -222,6 +225,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     bar = tqdm(range(start_epoch, train_cfg.epochs), desc=f"train {model_cfg.family}", unit="epoch",
                disable=not progress, initial=start_epoch, total=train_cfg.epochs)
     model.train()
+    last_ckpt = time.monotonic()
     for epoch in bar:
         torch.manual_seed(epoch_seed(train_cfg.seed, epoch))
         gen = torch.Generator(device=device).manual_seed(epoch_seed(train_cfg.seed, epoch))
@@ -251,7 +255,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                 h.on_epoch_end(ctx, epoch, metrics)
         except StopTraining as stop:
             result.stopped_early, result.stop_reason = True, str(stop)
-        if ckpt is not None and train_cfg.checkpoint_every and (epoch + 1) % train_cfg.checkpoint_every == 0:
+        last = result.stopped_early or epoch + 1 == train_cfg.epochs
+        if ckpt is not None and (last or time.monotonic() - last_ckpt >= train_cfg.checkpoint_every_s):
+            last_ckpt = time.monotonic()
             save_checkpoint(ckpt, model=model, optimizer=optimizer, meta={
                 "epoch": epoch, "history": history, "model_cfg": json_round(asdict(model_cfg)),
                 "train_cfg": json_round(asdict(train_cfg)), "data_digest": store.digest})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,15 @@ class TrialRunner:
         tracker = self._tracker(trial)
         if tracker is not None:
             hooks.append(tracker)
-        out_dir = self.work_dir / "trials" / f"{self.spec.name}-{trial.number:04d}"
-        with tracker if tracker is not None else contextlib.nullcontext():   # a crash marks the run FAILED
-            result = train(model_cfg, train_cfg, self.store, out_dir=out_dir, hooks=hooks, progress=False)
+        # Tracked trials keep their model in MLflow only (a scratch dir here); untracked ones under work_dir.
+        trials_dir = self.work_dir / "trials"
+        trials_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{self.spec.name}-{trial.number:04d}"
+        scratch = (tempfile.TemporaryDirectory(prefix=f"{name}-", dir=trials_dir) if tracker is not None
+                   else contextlib.nullcontext(trials_dir / name))
+        with scratch as out_dir, tracker if tracker is not None else contextlib.nullcontext():
+            result = train(model_cfg, train_cfg, self.store, out_dir=Path(out_dir), hooks=hooks, progress=False,
+                           checkpoints=False)
         if tracker is not None and getattr(tracker, "run_id", None):
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
         if result.stopped_early:
