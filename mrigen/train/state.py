@@ -102,4 +102,15 @@ def load_checkpoint(directory: Path, *, model: torch.nn.Module,
     except RuntimeError as exc:
         raise CheckpointError(f"{directory}: weights do not fit this model config ({exc})") from exc
     optimizer.load_state_dict(_join(doc["optimizer"], tensors))
+    _match_param_layout(optimizer)
     return doc["meta"]
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give per-parameter state (exp_avg...) its parameter's strides: safetensors stores tensors contiguous,
+    but a channels_last model's conv weights are not, and CUDA's fused Adam refuses mismatched layouts."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

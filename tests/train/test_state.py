@@ -40,3 +40,25 @@ def test_rewriting_a_checkpoint_replaces_it_atomically(tmp_path):
     save_checkpoint(tmp_path / "c", model=model, optimizer=opt, meta={"epoch": 1})
     assert load_checkpoint(tmp_path / "c", model=model, optimizer=opt) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_resumed_optimizer_state_has_the_strides_of_channels_last_params(tmp_path):
+    """CUDA's fused Adam needs state and params in one layout; safetensors stores tensors contiguous."""
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3))
+        m = m.to(memory_format=torch.channels_last)
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3)
+
+    model, opt = make()
+    x = torch.rand(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c", model=model, optimizer=opt, meta={})
+    model2, opt2 = make()
+    load_checkpoint(tmp_path / "c", model=model2, optimizer=opt2)
+    for p in model2.parameters():
+        for name in ("exp_avg", "exp_avg_sq"):
+            state = opt2.state[p][name]
+            assert state.stride() == p.stride()
+            assert torch.equal(state, opt.state[dict(zip(model2.parameters(), model.parameters()))[p]][name])
