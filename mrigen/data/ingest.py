@@ -59,6 +59,8 @@ def process_volume(job: tuple[Path, IngestConfig]) -> VolumeResult:
         volume = read_volume(path, cfg.max_voxels)
     except VolumeError as exc:
         return VolumeResult(path.name, exc.sha256, reason=exc.reason)
+    except Exception as exc:  # noqa: BLE001 -- a reader failure we did not foresee: skip the file, say why
+        return VolumeResult(path.name, None, reason=f"unreadable volume ({type(exc).__name__}: {exc})")
     try:
         band = extract_slices(volume.data, volume.zooms, cfg)
     except SliceError as exc:

@@ -86,7 +86,10 @@ def _check_header(path: Path, header: nib.Nifti1Header, max_voxels: int) -> tupl
     offset = float(header["vox_offset"])
     if not (np.isfinite(offset) and header.single_vox_offset <= offset <= 1 << 30):
         raise VolumeError(path, f"vox_offset {offset:g} outside {header.single_vox_offset}-{1 << 30}")
-    affine = header.get_best_affine()
+    try:
+        affine = header.get_best_affine()
+    except (ValueError, ArithmeticError, HeaderDataError, np.linalg.LinAlgError) as exc:
+        raise VolumeError(path, f"invalid orientation in header ({type(exc).__name__}: {exc})") from exc
     if not np.isfinite(affine).all():
         raise VolumeError(path, "affine has NaN/Inf entries")
     det = float(np.linalg.det(affine[:3, :3]))

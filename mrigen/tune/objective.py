@@ -16,7 +16,7 @@ from mrigen.train import Hook, StopTraining, TrainContext, train
 from mrigen.train.configs import build_configs
 from mrigen.tune.study import Budget, StudySpec
 
-__all__ = ["TrialRunner", "PruningHook", "ProgressHook", "objective_value"]
+__all__ = ["TrialRunner", "PruningHook", "ProgressHook", "RunIdRecorder", "objective_value"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,18 @@ class PruningHook(Hook):
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned by Optuna at epoch {epoch} ({self.metric}={value:.4f})")
+
+
+class RunIdRecorder(Hook):
+    """Stores the trial's MLflow run id in the trial as soon as the run exists, so that if this worker dies the
+    worker that later fails the stale trial can end the run too (see `runner.StaleTrialCallback`)."""
+
+    def __init__(self, trial: optuna.Trial, tracker) -> None:
+        self.trial, self.tracker = trial, tracker
+
+    def on_start(self, ctx: TrainContext) -> None:
+        if self.tracker.run_id:
+            self.trial.set_user_attr("mlflow_run_id", self.tracker.run_id)
 
 
 class ProgressHook(Hook):
@@ -86,7 +98,7 @@ class TrialRunner:
                              ProgressHook(self.worker, trial, self.budget.trials, self.spec.metric, best)]
         tracker = self._tracker(trial)
         if tracker is not None:
-            hooks.append(tracker)
+            hooks += [tracker, RunIdRecorder(trial, tracker)]
         # Tracked trials keep their model in MLflow only (a scratch dir here); untracked ones under work_dir.
         trials_dir = self.work_dir / "trials"
         trials_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +108,6 @@ class TrialRunner:
         with scratch as out_dir, tracker if tracker is not None else contextlib.nullcontext():
             result = train(model_cfg, train_cfg, self.store, out_dir=Path(out_dir), hooks=hooks, progress=False,
                            checkpoints=False)
-        if tracker is not None and getattr(tracker, "run_id", None):
-            trial.set_user_attr("mlflow_run_id", tracker.run_id)
         if result.stopped_early:
             raise optuna.TrialPruned(result.stop_reason)
         value = objective_value(self.spec.metric, result.val_metrics, result.history)

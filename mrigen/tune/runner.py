@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from mrigen.tune.objective import TrialRunner
 from mrigen.tune.study import Budget, StudySpec
 
-__all__ = ["TuneOptions", "make_storage", "open_study", "run_worker", "run_study", "FINISHED"]
+__all__ = ["TuneOptions", "StaleTrialCallback", "make_storage", "open_study", "run_worker", "run_study", "FINISHED"]
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -49,12 +49,37 @@ class TuneOptions:
     worker: str = "w0"                       # this worker's name (set for spawned workers)
 
 
-def make_storage(url: str, heartbeat: int) -> RDBStorage:
+class StaleTrialCallback:
+    """Called by Optuna when a worker finds a trial whose heartbeat stopped (its worker died): the trial is
+    re-enqueued with the same params (up to `max_retry` times) and its MLflow run, which nobody else will end,
+    is marked FAILED with the reason."""
+
+    def __init__(self, tracking_uri: str | None, grace_s: int, max_retry: int = 2) -> None:
+        self.retry = RetryFailedTrialCallback(max_retry=max_retry)
+        self.tracking_uri, self.grace_s = tracking_uri, grace_s
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.tracking_uri:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(self.tracking_uri)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "mrigen.stop_reason",
+                               f"worker lost: no heartbeat for {self.grace_s} s; trial {trial.number} retried")
+                client.set_terminated(run_id, status="FAILED")
+        log.warning("trial %d lost its worker (no heartbeat for %d s): marked FAIL, re-queued with the same params",
+                    trial.number, self.grace_s)
+
+
+def make_storage(url: str, heartbeat: int, tracking_uri: str | None = None) -> RDBStorage:
     """RDB storage with heartbeats (stale trials -> FAIL and retried with the same params) and pre-ping."""
     # SQLite: wait for the file lock rather than fail when several local workers write at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=2), engine_kwargs=engine_kwargs)
+                      failed_trial_callback=StaleTrialCallback(tracking_uri, 3 * heartbeat),
+                      engine_kwargs=engine_kwargs)
 
 
 def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -83,7 +108,7 @@ def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0, attemp
 
     for attempt in range(attempts):
         try:
-            storage = make_storage(opts.storage, opts.heartbeat)
+            storage = make_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
             if opts.resume and spec.name not in optuna.get_all_study_names(storage):
                 raise ValueError(f"--resume: no study named {spec.name!r} in the storage; start it without --resume")
             sampler = optuna.samplers.TPESampler(seed=opts.seed + worker_index)

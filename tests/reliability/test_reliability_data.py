@@ -446,3 +446,22 @@ def test_verify_refuses_a_tampered_store_and_a_missing_folder(tmp_path, capsys):
     (out / "manifest.json").write_text(json.dumps(manifest))
     code, _, stderr = _verify_cli(ixi, out, capsys)
     assert code == 1 and "manifest_sha256" in stderr
+
+
+def test_qform_quaternion_that_nibabel_rejects_is_skipped_with_a_reason(tmp_path, caplog):
+    """Found by hypothesis in CI: quatern_b = 1e30 makes nibabel's get_qform raise ValueError (w2 < 0)."""
+    import nibabel as nib
+    import numpy as np
+
+    from mrigen.data.validate import VolumeError, read_volume
+
+    img = nib.Nifti1Image(np.ones((12, 12, 10), np.int16), np.eye(4))
+    img.header.set_qform(np.eye(4), code=1)
+    img.header.set_sform(None, code=0)
+    path = tmp_path / "IXI002-HH-0002-T1.nii"
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    raw[256:260] = np.float32(1e30).astype("<f4").tobytes()          # quatern_b (NIfTI-1 header offset 256)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(VolumeError, match="invalid orientation"):
+        read_volume(path, 1 << 27)
