@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+from mrigen.config import config_from_dict
 
 __all__ = ["IngestConfig", "SIZES", "INGEST_MODALITIES", "CONTENT_FIELDS"]
 
@@ -78,11 +79,7 @@ class IngestConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IngestConfig:
         """Build from a plain dict (e.g. a manifest's ``config``); unknown keys raise ValueError naming the key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"IngestConfig: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
     def content_dict(self) -> dict[str, Any]:
         """The settings that determine the store's content (everything but ``workers``), JSON-ready."""

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mrigen import __version__
+from mrigen.config import config_from_dict
 
 from .pretext import AuxTargets, aux_targets, degrade
 
@@ -80,14 +81,7 @@ class FeatureNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureNetConfig":
         """Build from a plain dict (e.g. file metadata), refusing unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FeatureNetConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        data = dict(data)
-        if "channels" in data:
-            data["channels"] = tuple(int(c) for c in data["channels"])
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,10 +6,10 @@ reads it back (JSON lists become tuples) and rejects unknown keys.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+from mrigen.config import config_from_dict
 
 __all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "NORMS", "ModelConfig"]
 
@@ -98,11 +98,7 @@ class ModelConfig:
         Raises:
             ValueError: naming the unknown keys and the valid ones, or any invalid field value.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**dict(d))
+        return config_from_dict(cls, d)
 
 
 def _is_int(v: Any) -> bool:

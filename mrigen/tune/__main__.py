@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)        # per-trial INFO chatter (system metrics...)
     from mrigen.data import StoreError
     from mrigen.tune.cli import finish, prepare
 

@@ -26,7 +26,7 @@ def test_config_rejects_invalid_values(field: str, value: object, match: str) ->
 
 
 def test_config_from_dict_rejects_unknown_keys_and_round_trips() -> None:
-    with pytest.raises(ValueError, match="unknown FeatureNetConfig field"):
+    with pytest.raises(ValueError, match="FeatureNetConfig: unknown key"):
         FeatureNetConfig.from_dict({"depth": 3})
     assert FeatureNetConfig.from_dict({"channels": [8, 16, 32], "input_size": 32}).channels == (8, 16, 32)
 
