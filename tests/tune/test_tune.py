@@ -11,6 +11,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from tunelib import check_study
 
 
 def tune(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -18,24 +19,6 @@ def tune(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
     env = {**base, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mrigen.tune", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def check_study(storage: str, tracking: str, study_name: str, n: int) -> None:
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) >= n
-    assert len({t.number for t in study.trials}) == len(study.trials)
-    client = MlflowClient(tracking)
-    exp = client.get_experiment_by_name(f"mrigen-{study_name}")
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    assert len(children) >= n
-    assert all(r.info.status != "RUNNING" for r in children)
-    best = study.best_trial
-    champion = client.get_model_version_by_alias(f"mrigen-{study_name}", "champion")
-    assert champion.run_id == best.user_attrs["mlflow_run_id"]
-    parent = client.get_run(parent_id)
-    assert parent.data.metrics["n_complete"] >= 1 and parent.info.status == "FINISHED"
 
 
 def test_three_trial_study_on_sqlite_then_generate(tiny_study, tune_store, tmp_path):

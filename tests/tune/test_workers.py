@@ -15,6 +15,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from tunelib import check_study
 
 RESULTS = Path(__file__).parents[1] / "reliability" / ".results"   # counts for docs/RELIABILITY.md
 
@@ -64,6 +65,13 @@ def test_two_workers_share_one_postgres_study(stack, tune_store, tmp_path):
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(children) == len(loaded.trials)
+    # the champion is the best trial's model, and it generates slices (PostgreSQL + S3 + MLflow server)
+    check_study(stack.client_env()["OPTUNA_STORAGE"], stack.tracking_uri, "two-workers", 4)
+    gen = subprocess.run([sys.executable, "-m", "mrigen.generate", "--model", "models:/mrigen-two-workers@champion",
+                          "-n", "3", "--out", str(tmp_path / "synthetic"), "--tracking-uri", stack.tracking_uri],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **stack.client_env()})
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert len(list((tmp_path / "synthetic").glob("*.png"))) == 3
 
 
 @pytest.mark.reliability
