@@ -1,4 +1,9 @@
-"""Artifact checks for the registry: the logged model's files, their sha256, and what a model URI points at."""
+"""Artifact checks for the registry: the logged model's files, their sha256, and what a model URI points at.
+
+A model is registered only when its LoggedModel is READY (every file uploaded: an upload cut short by an S3
+outage leaves it FAILED or PENDING) and the downloaded copy of the trained model's files has the sha256 the
+trainer recorded before uploading (`mrigen.model_files_sha256`), so a missing or partial file is refused.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ __all__ = ["RegistryError", "PICKLE_SUFFIXES", "find_logged_model", "hash_tree",
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt")   # formats that unpickle on load
 SHA_TAG = "mrigen.artifact_sha256"        # model-version tag: JSON {relative path: sha256}
+FILES_SHA_TAG = "mrigen.model_files_sha256"  # LoggedModel tag set by mrigen.tracking.model_log before upload
 _REQUIRED = ("MLmodel", "pyfunc_model.py")
 _UNHASHED = ("registered_model_meta",)     # written by MLflow on download of models:/ URIs (name, version)
 
@@ -31,7 +37,9 @@ def _not_found(exc: MlflowException) -> bool:
 
 
 def find_logged_model(client: MlflowClient, run_id: str, name: str = "model"):
-    """The LoggedModel named `name` whose source is `run_id`.
+    """The LoggedModel named `name` whose source is `run_id`: the newest READY one, else the newest of any status.
+
+    A run whose first upload failed (status FAILED) and whose retry succeeded has two; the READY one wins.
 
     Raises:
         RegistryError: unknown run, or the run logged no such model.
@@ -42,17 +50,24 @@ def find_logged_model(client: MlflowClient, run_id: str, name: str = "model"):
         if _not_found(exc):
             raise RegistryError(f"no run with id {run_id!r} on this tracking server") from None
         raise
-    token = None
+    token, found = None, []
     while True:
         page = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'",
                                            page_token=token)
-        for model in page:
-            if model.source_run_id == run_id:
-                return model
+        found += [m for m in page if m.source_run_id == run_id]
         token = page.token
         if not token:
-            raise RegistryError(f"run {run_id} has no logged model named {name!r} (was it trained with "
-                                f"MlflowHook(log_model=True) and finished?)")
+            break
+    if not found:
+        raise RegistryError(f"run {run_id} has no logged model named {name!r} (was it trained with "
+                            f"MlflowHook(log_model=True) and finished?)")
+    ready = [m for m in found if _status(m) == "READY"]
+    return max(ready or found, key=lambda m: m.creation_timestamp or 0)
+
+
+def _status(model) -> str:
+    status = getattr(model, "status", None)
+    return str(getattr(status, "name", status) or "").upper().removeprefix("LOGGEDMODELSTATUS.")
 
 
 def hash_tree(root: Path) -> dict[str, str]:
@@ -87,11 +102,15 @@ def verify_model_artifacts(run_id: str, *, client: MlflowClient, tracking_uri: s
         (model_id, {relative path: sha256}).
 
     Raises:
-        RegistryError: no such run / model, missing files, or pickle-format files.
+        RegistryError: no such run / model, model not READY (upload failed or cut short), missing files, files
+            that differ from the sha256 recorded before upload, or pickle-format files.
     """
     import mlflow.artifacts
 
     logged = find_logged_model(client, run_id)
+    if _status(logged) != "READY":
+        raise RegistryError(f"run {run_id}: logged model {logged.model_id} is {_status(logged) or 'not READY'} "
+                            f"(its upload failed or did not finish); refusing to register it")
     dst = Path(tempfile.mkdtemp(prefix="mrigen-verify-"))
     try:
         try:
@@ -104,7 +123,24 @@ def verify_model_artifacts(run_id: str, *, client: MlflowClient, tracking_uri: s
     finally:
         shutil.rmtree(dst, ignore_errors=True)
     _check_tree(files, f"run {run_id}")
+    _check_recorded(files, (logged.tags or {}).get(FILES_SHA_TAG), f"run {run_id}")
     return logged.model_id, files
+
+
+def _check_recorded(files: dict[str, str], recorded: str | None, where: str) -> None:
+    """Compare the downloaded `artifacts/<model_dir>/...` files with the sha256 recorded before the upload."""
+    if not recorded:
+        return                                   # logged by an older mrigen: completeness is all we can check
+    expected = json.loads(recorded)
+    prefixes = {f.rsplit("/", 1)[0] for f in files if f.startswith("artifacts/") and f.endswith("/config.json")}
+    bad = []
+    for rel, sha in sorted(expected.items()):
+        got = [files.get(f"{prefix}/{rel}") for prefix in prefixes]
+        if sha not in got:
+            bad.append(rel)
+    if bad or not prefixes:
+        raise RegistryError(f"{where}: uploaded model files are missing or differ from the trained model "
+                            f"(sha256 recorded before upload): {bad[:5] or ['artifacts/<model_dir>']}")
 
 
 def verify_downloaded(local: Path, tags: dict[str, str], spec: str) -> None:

@@ -272,6 +272,68 @@ class Stack:
                 self._save_state(state)
         return killed
 
+    def stop_service(self, name: str, *, timeout_s: float | None = None) -> bool:
+        """Stop one server of the running stack (e.g. to inject a fault); the others keep running.
+
+        Args:
+            name: "postgres", "s3" or "mlflow".
+            timeout_s: grace before SIGKILL (default `StackConfig.stop_timeout_s`).
+
+        Returns:
+            True when it needed SIGKILL.
+
+        Raises:
+            ValueError: unknown service name, or the embedded PostgreSQL when an external one is used.
+        """
+        self._check_service(name)
+        state = self._state()
+        records = self._records(state)
+        rec = records.pop(name, None)
+        if rec is None:
+            return False
+        sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
+        killed = stop(rec, sig=sig, timeout_s=self.config.stop_timeout_s if timeout_s is None else timeout_s)
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            proc.wait(timeout=5.0)
+        (self.dir / "run" / f"{name}.pid").unlink(missing_ok=True)
+        state["records"] = {k: v.to_dict() for k, v in records.items()}
+        self._save_state(state)
+        return killed
+
+    def start_service(self, name: str) -> float:
+        """Start one stopped server of the stack again on its recorded ports and wait until it is healthy.
+
+        Returns:
+            Seconds it took (start + health wait); 0.0 when it already ran.
+
+        Raises:
+            ValueError: unknown service name. StackError: no stack in DIR, or the server did not become healthy.
+        """
+        self._check_service(name)
+        state = self._state()
+        if not state:
+            raise StackError(f"no stack in {self.dir}: run `python -m mrigen.stack up --dir {self.dir}` first")
+        rec = self._records(state).get(name)
+        if rec is not None and is_alive(rec):
+            return 0.0
+        t0 = time.monotonic()
+        self._start_service(name, state, self._credentials())
+        return time.monotonic() - t0
+
+    def restart(self, name: str, *, timeout_s: float | None = None) -> float:
+        """`stop_service(name)` then `start_service(name)`; returns the seconds the service was down."""
+        t0 = time.monotonic()
+        self.stop_service(name, timeout_s=timeout_s)
+        self.start_service(name)
+        return time.monotonic() - t0
+
+    def _check_service(self, name: str) -> None:
+        if name not in SERVICES:
+            raise ValueError(f"service={name!r} is invalid: use one of {list(SERVICES)}")
+        if name == "postgres" and self.config.postgres_url:
+            raise ValueError("service='postgres' is external (postgres_url): the stack does not manage it")
+
     # ---- start -------------------------------------------------------------------------------------------
     def _ports(self, old: dict) -> tuple[int, dict[str, int], int]:
         """Reuse last run's ports when still free (SeaweedFS keeps per-port master state), else new ones."""
@@ -298,60 +360,66 @@ class Stack:
         self._save_state(state)
 
     def _start_all(self, creds: dict, old: dict, bar: tqdm) -> None:
-        cfg, d = self.config, self.dir
+        cfg = self.config
         pg_port, s3_ports, mlflow_port = self._ports(old)
-        logs, run = d / "logs", d / "run"
-        timeout = cfg.start_timeout_s
-        # PostgreSQL
         if cfg.postgres_url:
             target, pg_password = postgres.parse_external(cfg.postgres_url)
             if creds.get("external_postgres_password") != pg_password:
                 creds["external_postgres_password"] = pg_password
                 write_private(self._cred_path, json.dumps(creds, indent=2))
         else:
-            target, pg_password = postgres.PgTarget("127.0.0.1", pg_port, creds["postgres_user"]), creds[
-                "postgres_password"]
+            target = postgres.PgTarget("127.0.0.1", pg_port, creds["postgres_user"])
         state = {"settings": self._settings(), "postgres": [target.host, target.port, target.user, target.admin_db],
                  "s3_ports": s3_ports, "mlflow_port": mlflow_port, "records": {}}  # fmt: skip
         self._save_state(state)
-        pg_proc = pg_rec = None
-        if not cfg.postgres_url:
-            owner = postgres.run_as()
-            postgres.init_cluster(d / "postgres" / "data", user=target.user, password=pg_password, owner=owner)
-            pg_proc, pg_rec = postgres.start_server(d / "postgres" / "data", target.port, log=logs / "postgres.log",
-                                                    pid_file=run / "postgres.pid", owner=owner)  # fmt: skip
-            self._record(state, "postgres", pg_proc, pg_rec)
-        where = f"PostgreSQL on {target.host}:{target.port}"
-        wait_ready(where, lambda: postgres.probe(target, pg_password), proc=pg_proc, record=pg_rec, timeout_s=timeout)
-        postgres.ensure_databases(target, pg_password)
-        bar.update()
-        # S3
-        identity = d / "s3" / "s3.json"
-        s3.write_identity(identity, creds["s3_access_key"], creds["s3_secret_key"])
-        proc, rec = s3.start_server(d / "s3" / "data", s3_ports, identity, log=logs / "s3.log",
-                                    pid_file=run / "s3.pid")  # fmt: skip
-        self._record(state, "s3", proc, rec)
-        endpoint = f"http://127.0.0.1:{s3_ports['s3']}"
+        for name in SERVICES:
+            self._start_service(name, state, creds)
+            bar.update()
+
+    def _start_service(self, name: str, state: dict, creds: dict) -> None:
+        """Start one server on the ports recorded in `state` and wait until it is healthy."""
+        cfg, d = self.config, self.dir
+        logs, run, timeout = d / "logs", d / "run", cfg.start_timeout_s
+        target = postgres.PgTarget(*state["postgres"])
+        pg_password = creds["external_postgres_password"] if cfg.postgres_url else creds["postgres_password"]
+        endpoint = f"http://127.0.0.1:{state['s3_ports']['s3']}"
         keys = (creds["s3_access_key"], creds["s3_secret_key"])
-        wait_ready(f"SeaweedFS S3 on {endpoint}", lambda: s3.probe(endpoint, *keys), proc=proc, record=rec,
-                   timeout_s=timeout)  # fmt: skip
-        s3.ensure_bucket(endpoint, *keys, cfg.bucket)
-        bar.update()
-        # MLflow
-        (d / "mlflow").mkdir(exist_ok=True)
-        env = mlflow_server.server_env(
-            backend_uri=postgres.db_url(target, "mlflow"), db_password=pg_password,
-            auth_db_uri=postgres.db_url(target, "mlflow_auth"),
-            artifacts_destination=f"s3://{cfg.bucket}/{cfg.artifact_prefix}", s3_endpoint=endpoint,
-            s3_access_key=keys[0], s3_secret_key=keys[1], port=mlflow_port, workers=cfg.workers, auth=cfg.auth,
-            admin_username=creds["mlflow_admin_username"], admin_password=creds["mlflow_admin_password"],
-            flask_secret=creds["flask_secret_key"], auth_config_dir=d / "mlflow",
-        )  # fmt: skip
-        proc, rec = mlflow_server.start_server(env, log=logs / "mlflow.log", pid_file=run / "mlflow.pid",
-                                               cwd=d / "mlflow")  # fmt: skip
-        self._record(state, "mlflow", proc, rec)
-        self._wait_healthy(self.info(), timeout_s=timeout, proc=proc, record=rec)
-        bar.update()
+        if name == "postgres":
+            pg_proc = pg_rec = None
+            if not cfg.postgres_url:
+                owner = postgres.run_as()
+                postgres.init_cluster(d / "postgres" / "data", user=target.user, password=pg_password, owner=owner)
+                pg_proc, pg_rec = postgres.start_server(d / "postgres" / "data", target.port,
+                                                        log=logs / "postgres.log", pid_file=run / "postgres.pid",
+                                                        owner=owner)  # fmt: skip
+                self._record(state, "postgres", pg_proc, pg_rec)
+            wait_ready(f"PostgreSQL on {target.host}:{target.port}", lambda: postgres.probe(target, pg_password),
+                       proc=pg_proc, record=pg_rec, timeout_s=timeout)  # fmt: skip
+            postgres.ensure_databases(target, pg_password)
+        elif name == "s3":
+            identity = d / "s3" / "s3.json"
+            s3.write_identity(identity, *keys)
+            proc, rec = s3.start_server(d / "s3" / "data", state["s3_ports"], identity, log=logs / "s3.log",
+                                        pid_file=run / "s3.pid")  # fmt: skip
+            self._record(state, "s3", proc, rec)
+            wait_ready(f"SeaweedFS S3 on {endpoint}", lambda: s3.probe(endpoint, *keys), proc=proc, record=rec,
+                       timeout_s=timeout)  # fmt: skip
+            s3.ensure_bucket(endpoint, *keys, cfg.bucket)
+        else:
+            (d / "mlflow").mkdir(exist_ok=True)
+            port = state["mlflow_port"]
+            env = mlflow_server.server_env(
+                backend_uri=postgres.db_url(target, "mlflow"), db_password=pg_password,
+                auth_db_uri=postgres.db_url(target, "mlflow_auth"),
+                artifacts_destination=f"s3://{cfg.bucket}/{cfg.artifact_prefix}", s3_endpoint=endpoint,
+                s3_access_key=keys[0], s3_secret_key=keys[1], port=port, workers=cfg.workers, auth=cfg.auth,
+                admin_username=creds["mlflow_admin_username"], admin_password=creds["mlflow_admin_password"],
+                flask_secret=creds["flask_secret_key"], auth_config_dir=d / "mlflow",
+            )  # fmt: skip
+            proc, rec = mlflow_server.start_server(env, log=logs / "mlflow.log", pid_file=run / "mlflow.pid",
+                                                   cwd=d / "mlflow")  # fmt: skip
+            self._record(state, "mlflow", proc, rec)
+            self._wait_healthy(self.info(), timeout_s=timeout, proc=proc, record=rec)
 
     def _wait_healthy(self, info: StackInfo, timeout_s: float, proc=None, record=None) -> None:
         user, password = (info.admin_username, info.admin_password) if info.auth else (None, None)

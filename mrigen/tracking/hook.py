@@ -6,6 +6,11 @@
 
 Metrics and images go through a background thread (the training thread only queues them); the run is
 terminated FINISHED, KILLED (stopped early: pruned, or SIGTERM/SIGINT) or FAILED (exception) -- never left RUNNING.
+
+Server outages: queued metrics and images survive them (the background thread retries with backoff, see
+`LogWorker`), and the end-of-run calls (figure, tags, model upload, final status) are retried for up to
+`end_retry_s`. If the end still fails, the run is marked FAILED when the server allows it, and the error names
+the local folder that keeps the trained model (never lost with the run).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 import mrigen
 from mrigen.train.hooks import Hook, TrainContext
 from mrigen.tracking import safety
-from mrigen.tracking.client import error_line, get_or_create_experiment, git_commit, make_client, redact
+from mrigen.tracking.client import TrackingError, error_line, get_or_create_experiment, git_commit, make_client, redact
+from mrigen.tracking.retry import retry_call
 from mrigen.tracking.worker import LogWorker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,17 +56,22 @@ class MlflowHook(Hook):
             thins them by `TrainConfig.grid_every`); the final grids are always logged.
         system_metrics: log CPU / memory / GPU usage as `system/*` metrics (needs psutil; GPU needs pynvml).
         flush_interval_s: longest time a queued metric waits in the background before it is sent.
+        end_retry_s: how long the end-of-run calls (flushing queued metrics, the loss figure, the model upload,
+            the final status) are retried through a server outage before the run is given up as FAILED.
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "mrigen", run_name: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, Any] | None = None, log_model: bool = True,
-                 image_every: int = 1, system_metrics: bool = True, flush_interval_s: float = 2.0) -> None:
+                 image_every: int = 1, system_metrics: bool = True, flush_interval_s: float = 2.0,
+                 end_retry_s: float = 300.0) -> None:
         if not experiment:
             raise ValueError("MlflowHook.experiment must be a non-empty experiment name")
         if int(image_every) < 1:
             raise ValueError(f"MlflowHook.image_every={image_every!r} must be >= 1")
         if not flush_interval_s > 0:
             raise ValueError(f"MlflowHook.flush_interval_s={flush_interval_s!r} must be > 0")
+        if not end_retry_s >= 0:
+            raise ValueError(f"MlflowHook.end_retry_s={end_retry_s!r} must be >= 0 seconds")
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
@@ -70,6 +81,9 @@ class MlflowHook(Hook):
         self.image_every = int(image_every)
         self.system_metrics = system_metrics
         self.flush_interval_s = flush_interval_s
+        self.end_retry_s = end_retry_s
+        self.model_log_retries = 0                 # retries the model upload needed (outage statistics)
+        self.kept_model_dir: Path | None = None    # where the model is kept when the end of the run failed
         self.client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -122,7 +136,12 @@ class MlflowHook(Hook):
             self._unlogged_grids = (epoch, grids)
 
     def on_end(self, ctx: TrainContext, result: "TrainResult") -> None:
-        """Log the loss curves, `final_*` metrics and the model, then terminate the run."""
+        """Log the loss curves, `final_*` metrics and the model, then terminate the run.
+
+        Raises:
+            TrackingError: the end of the run could not be logged (after retries); the run is marked FAILED and
+                the message names the folder keeping the trained model.
+        """
         self._require_run()
         try:
             if self._unlogged_grids is not None:
@@ -131,17 +150,26 @@ class MlflowHook(Hook):
                     self._worker.log_image(grid, key=name, step=epoch)
             step = max(result.epochs_run - 1, 0)
             self._worker.log_metrics({f"final_{k}": v for k, v in result.val_metrics.items()}, step=step)
-            self._worker.flush()
+            self._worker.flush(timeout=max(self.end_retry_s, 1.0))
             if result.history:
-                self._log_loss_figure(result.history)
+                self._retry(lambda: self._log_loss_figure(result.history), "log the loss curves")
             tags = [RunTag("mrigen.epochs_run", str(result.epochs_run))]
             if result.stopped_early:
                 tags.append(RunTag("mrigen.stop_reason", redact(result.stop_reason or "stopped early")[:5000]))
-            self.client.log_batch(self.run_id, tags=tags, synchronous=True)
+            self._retry(lambda: self.client.log_batch(self.run_id, tags=tags, synchronous=True), "log the end tags")
             if self.log_model and not result.stopped_early:
                 self._log_model(ctx, result, step)
         except BaseException as exc:
-            self.close("FAILED", f"logging at the end of training failed: {error_line(exc)}")
+            kept = self._keep_model(result) if self.log_model and not result.stopped_early else None
+            where = f"; the trained model is kept at {kept}" if kept is not None else ""
+            try:
+                self.close("FAILED", f"logging at the end of training failed: {error_line(exc)}")
+            except Exception as close_exc:
+                log.error("mrigen.tracking: run %s could not be marked FAILED (%s); it stays RUNNING on the server",
+                          self.run_id, error_line(close_exc))
+            if isinstance(exc, Exception):
+                raise TrackingError(f"MLflow run {self.run_id}: logging at the end of training failed: "
+                                    f"{error_line(exc)}{where}") from exc
             raise
         self.close("KILLED" if result.stopped_early else "FINISHED", result.stop_reason or "")
 
@@ -164,8 +192,9 @@ class MlflowHook(Hook):
         finally:
             self._stop_system_metrics()
             if status != "FINISHED" and reason:
-                self.client.set_tag(self.run_id, "mrigen.end_reason", redact(reason)[:5000])
-            self.client.set_terminated(self.run_id, status=status)
+                self._retry(lambda: self.client.set_tag(self.run_id, "mrigen.end_reason", redact(reason)[:5000]),
+                            "tag the end reason")
+            self._retry(lambda: self.client.set_terminated(self.run_id, status=status), f"mark the run {status}")
         if pending_error is not None and status == "FINISHED":
             raise pending_error
 
@@ -191,6 +220,28 @@ class MlflowHook(Hook):
         self.client.set_terminated(self.run_id, status=status)
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    @property
+    def log_stats(self) -> dict[str, float]:
+        """Background-logging counters (metrics_sent, images_sent, retries, outage_s, metrics_dropped)."""
+        return dict(self._worker.stats) if self._worker is not None else {}
+
+    def _retry(self, fn, what: str):
+        return retry_call(fn, what=f"{what} (run {self.run_id})", retry_for_s=self.end_retry_s)[0]
+
+    def _keep_model(self, result: "TrainResult") -> Path | None:
+        """The local folder holding the trained model: the training's own, else a new kept temporary folder."""
+        if result.model_dir is not None and Path(result.model_dir).is_dir():
+            self.kept_model_dir = Path(result.model_dir)
+            return self.kept_model_dir
+        try:
+            from mrigen.models import save_model
+
+            self.kept_model_dir = save_model(result.model, Path(tempfile.mkdtemp(prefix="mrigen-unlogged-")) / "model")
+        except Exception as exc:
+            log.error("mrigen.tracking: could not keep the trained model locally: %s", error_line(exc))
+            return None
+        return self.kept_model_dir
+
     def _require_run(self) -> None:
         if self.run_id is None or self._worker is None:
             raise RuntimeError("MlflowHook: on_start was not called (or failed) before this hook method")
@@ -236,18 +287,22 @@ class MlflowHook(Hook):
     def _log_model(self, ctx: TrainContext, result: "TrainResult", step: int) -> None:
         from mrigen.tracking.model_log import log_pyfunc_model
 
+        def upload(model_dir: Path) -> str:
+            uri, retries = retry_call(lambda: log_pyfunc_model(self.client, self.tracking_uri, self.run_id, model_dir,
+                                                               ctx.model_cfg.image_size, step=step),
+                                      what=f"upload the model of run {self.run_id}", retry_for_s=self.end_retry_s)
+            self.model_log_retries += retries
+            return uri
+
         t0 = time.perf_counter()
         if result.model_dir is not None:
-            self.model_uri = log_pyfunc_model(self.client, self.tracking_uri, self.run_id, Path(result.model_dir),
-                                              ctx.model_cfg.image_size, step=step)
+            self.model_uri = upload(Path(result.model_dir))
         else:
             from mrigen.models import save_model
 
             with tempfile.TemporaryDirectory(prefix="mrigen-model-") as tmp:
-                model_dir = save_model(result.model, Path(tmp) / "model")
-                self.model_uri = log_pyfunc_model(self.client, self.tracking_uri, self.run_id, model_dir,
-                                                  ctx.model_cfg.image_size, step=step)
-        self.client.set_tag(self.run_id, "mrigen.model_uri", self.model_uri)
+                self.model_uri = upload(save_model(result.model, Path(tmp) / "model"))
+        self._retry(lambda: self.client.set_tag(self.run_id, "mrigen.model_uri", self.model_uri), "tag the model")
         log.info("logged model %s for run %s in %.1f s", self.model_uri, self.run_id, time.perf_counter() - t0)
 
     def _start_system_metrics(self, ctx: TrainContext) -> None:

@@ -4,10 +4,18 @@ The logged model holds `pyfunc_model.py` (this package's code file), the `model_
 `mrigen.models.save_model` (model.safetensors + config.json), a signature and an input example. It is an MLflow 3
 LoggedModel named "model" created in the run's own experiment, so `runs:/<run_id>/model` and
 `models:/<name>@<alias>` both resolve to it.
+
+Upload is all-or-nothing as far as the registry is concerned: the sha256 of every file of `model_dir` is
+recorded on the LoggedModel (tag `mrigen.model_files_sha256`) before the upload, and the LoggedModel is
+finalized READY only after every file is uploaded; an upload that fails (S3 down mid-upload) leaves it FAILED.
+`mrigen.registry.register` accepts only READY models whose downloaded files match the recorded hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -18,9 +26,13 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import mrigen
-from mrigen.tracking.client import use_tracking_uri
+from mrigen.tracking.client import error_line, use_tracking_uri
 
-__all__ = ["PYFUNC_MODEL_PATH", "MODEL_NAME", "model_signature", "log_pyfunc_model", "pip_requirements"]
+__all__ = ["PYFUNC_MODEL_PATH", "MODEL_NAME", "FILES_SHA_TAG", "model_signature", "log_pyfunc_model",
+           "pip_requirements", "files_sha256"]
+
+log = logging.getLogger(__name__)
+FILES_SHA_TAG = "mrigen.model_files_sha256"     # LoggedModel tag: JSON {file name in model_dir: sha256}
 
 PYFUNC_MODEL_PATH = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "model"                       # artifact name: runs:/<run_id>/model
@@ -43,6 +55,14 @@ def pip_requirements() -> list[str]:
             "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0"]
 
 
+def files_sha256(model_dir: Path) -> dict[str, str]:
+    """{relative posix path: sha256} of every file under `model_dir`."""
+    out = {}
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        out[path.relative_to(model_dir).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
 def log_pyfunc_model(client: MlflowClient, tracking_uri: str, run_id: str, model_dir: Path, image_size: int,
                      *, step: int = 0) -> str:
     """Log `model_dir` as the run's pyfunc model; return its `models:/<model_id>` URI.
@@ -61,7 +81,8 @@ def log_pyfunc_model(client: MlflowClient, tracking_uri: str, run_id: str, model
     run = client.get_run(run_id)
     # Created explicitly in the run's experiment: MLflow would otherwise put it in the process's active one.
     logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
-                                        model_type="mrigen-generator")
+                                        model_type="mrigen-generator",
+                                        tags={FILES_SHA_TAG: json.dumps(files_sha256(model_dir), sort_keys=True)})
     try:
         with use_tracking_uri(tracking_uri):
             mlflow.pyfunc.log_model(
@@ -76,6 +97,9 @@ def log_pyfunc_model(client: MlflowClient, tracking_uri: str, run_id: str, model
         client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=step)])
         client.finalize_logged_model(logged.model_id, "READY")
     except BaseException:
-        client.finalize_logged_model(logged.model_id, "FAILED")
+        try:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+        except Exception as exc:      # the server may be the thing that failed; the model stays PENDING (not READY)
+            log.error("mrigen.tracking: could not mark logged model %s FAILED: %s", logged.model_id, error_line(exc))
         raise
     return f"models:/{logged.model_id}"

@@ -1,8 +1,11 @@
 """Background logging: metrics and images are queued by the training thread and sent by one worker thread.
 
 The training loop only pays for a `queue.put`; the worker batches metrics into `log_batch` calls (at most
-`MAX_METRICS_PER_BATCH` each, MLflow's limit) and uploads image grids. An error in the worker is kept and
-re-raised (as `TrackingError`) on the next `put` / `flush`, never swallowed.
+`MAX_METRICS_PER_BATCH` each, MLflow's limit) and uploads image grids. A transient error (server down or
+restarting: see `mrigen.tracking.retry.is_transient`) keeps the batch and retries it with capped exponential
+backoff for up to `retry_for_s`, while training goes on queueing; everything queued meanwhile is sent, in order,
+once the server answers again. Any other error, or an outage longer than `retry_for_s`, is kept and re-raised
+(as `TrackingError`) on the next `put` / `flush`, never swallowed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from mrigen.tracking.client import TrackingError, error_line
+from mrigen.tracking.retry import backoff_s, is_transient
 
 __all__ = ["LogWorker", "MAX_METRICS_PER_BATCH"]
 
@@ -33,10 +37,19 @@ class LogWorker:
         client: the MLflow client (thread-safe for these calls).
         run_id: the run to log into.
         interval_s: longest time a queued metric waits before it is sent.
+        retry_for_s: how long one batch is retried through a server outage before the error is kept.
+
+    Attributes:
+        stats: counters for reports and tests: metrics_sent, images_sent, retries, outage_s (seconds spent
+            waiting for the server), metrics_dropped (given up after `retry_for_s` or at `close`).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, interval_s: float = 2.0) -> None:
-        self.client, self.run_id, self.interval_s = client, run_id, interval_s
+    def __init__(self, client: MlflowClient, run_id: str, interval_s: float = 2.0, retry_for_s: float = 3600.0) -> None:
+        if not retry_for_s >= 0:
+            raise ValueError(f"LogWorker.retry_for_s={retry_for_s!r} must be >= 0 seconds")
+        self.client, self.run_id, self.interval_s, self.retry_for_s = client, run_id, interval_s, retry_for_s
+        self.stats = {"metrics_sent": 0, "images_sent": 0, "retries": 0, "outage_s": 0.0, "metrics_dropped": 0}
+        self._closing = threading.Event()
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._idle = threading.Condition()
@@ -72,10 +85,11 @@ class LogWorker:
         self._raise_pending()
 
     def close(self, timeout: float | None = 120.0) -> None:
-        """Flush, then stop the thread."""
+        """Flush, then stop the thread (a batch still being retried is given up and counted as dropped)."""
         try:
             self.flush(timeout)
         finally:
+            self._closing.set()
             self._queue.put((_STOP, None))
             self._thread.join(timeout=5)
 
@@ -119,15 +133,41 @@ class LogWorker:
             self._send(batch, [], jobs=jobs)
 
     def _send(self, metrics: list[Metric], images: list[tuple], jobs: int) -> None:
+        done_metrics, done_images, attempt, first_failure = 0, 0, 0, None
         try:
-            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH], synchronous=True)
-            for image, key, step in images:
-                self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+            while True:
+                try:
+                    while done_metrics < len(metrics):
+                        chunk = metrics[done_metrics:done_metrics + MAX_METRICS_PER_BATCH]
+                        self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                        done_metrics += len(chunk)
+                    while done_images < len(images):
+                        image, key, step = images[done_images]
+                        self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+                        done_images += 1
+                    return
+                except Exception as exc:
+                    now = time.monotonic()
+                    first_failure = now if first_failure is None else first_failure
+                    if (not is_transient(exc) or now - first_failure >= self.retry_for_s
+                            or self._closing.is_set()):
+                        raise
+                    pause = backoff_s(attempt)
+                    log.warning("mrigen.tracking: logging to run %s failed (%s); %d metrics / %d images kept, "
+                                "retry %d in %.1f s", self.run_id, error_line(exc), len(metrics) - done_metrics,
+                                len(images) - done_images, attempt + 1, pause)
+                    self.stats["retries"] += 1
+                    attempt += 1
+                    self._closing.wait(pause)
         except Exception as exc:  # kept and re-raised in the training thread
+            self.stats["metrics_dropped"] += len(metrics) - done_metrics
             log.error("mrigen.tracking: logging to run %s failed: %s", self.run_id, error_line(exc))
             self._error = exc
         finally:
+            self.stats["metrics_sent"] += done_metrics
+            self.stats["images_sent"] += done_images
+            if first_failure is not None:
+                self.stats["outage_s"] += time.monotonic() - first_failure
             with self._idle:
                 self._pending -= jobs
                 self._idle.notify_all()
