@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,29 @@ class PruningHook(Hook):
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
+        _storage_retry(lambda: self.trial.report(value, step=epoch), "report to the Optuna storage")
+        if _storage_retry(self.trial.should_prune, "ask the Optuna pruner"):
             raise StopTraining(f"pruned by Optuna at epoch {epoch} ({self.metric}={value:.4f})")
+
+
+def _storage_retry(fn, what: str, retry_for_s: float = 120.0):
+    """Call `fn`, riding out a storage database that is restarting (connection errors) for up to `retry_for_s`."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    deadline, wait = time.monotonic() + retry_for_s, 0.5
+    while True:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if not getattr(exc, "connection_invalidated", False) and not isinstance(exc, OperationalError):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("could not %s (%s); retrying in %.1f s", what, str(exc.orig or exc).splitlines()[0], wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 15.0)
 
 
 class RunIdRecorder(Hook):
@@ -99,15 +119,18 @@ class TrialRunner:
         tracker = self._tracker(trial)
         if tracker is not None:
             hooks += [tracker, RunIdRecorder(trial, tracker)]
-        # Tracked trials keep their model in MLflow only (a scratch dir here); untracked ones under work_dir.
+        # Tracked trials keep their model in MLflow only; untracked ones (and failed uploads) under work_dir.
         trials_dir = self.work_dir / "trials"
         trials_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{self.spec.name}-{trial.number:04d}"
-        scratch = (tempfile.TemporaryDirectory(prefix=f"{name}-", dir=trials_dir) if tracker is not None
-                   else contextlib.nullcontext(trials_dir / name))
-        with scratch as out_dir, tracker if tracker is not None else contextlib.nullcontext():
-            result = train(model_cfg, train_cfg, self.store, out_dir=Path(out_dir), hooks=hooks, progress=False,
+        out_dir = trials_dir / f"{self.spec.name}-{trial.number:04d}"
+        with tracker if tracker is not None else contextlib.nullcontext():
+            result = train(model_cfg, train_cfg, self.store, out_dir=out_dir, hooks=hooks, progress=False,
                            checkpoints=False)
+        if tracker is not None:                 # logged to MLflow: drop the local copy (kept if logging failed)
+            try:
+                shutil.rmtree(out_dir)
+            except OSError as exc:
+                log.warning("could not remove the trial's local copy %s: %s", out_dir, exc)
         if result.stopped_early:
             raise optuna.TrialPruned(result.stop_reason)
         value = objective_value(self.spec.metric, result.val_metrics, result.history)
