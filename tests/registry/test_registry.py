@@ -90,7 +90,9 @@ def test_concurrent_promotions_leave_the_better_one(tracking_env, runs):
     for t in threads:
         t.join()
     assert not errors
-    assert _champion(tracking_env, name) == good and results == {good: True, bad: False}
+    # The worse one may win for a moment if its promoter runs first (then it was the best promoted so far);
+    # what must hold is the end state and that the better promotion succeeded.
+    assert _champion(tracking_env, name) == good and results[good] is True
 
 
 def test_a_stale_write_of_the_worse_version_is_repaired(tracking_env, runs):
