@@ -1,0 +1,262 @@
+"""Reliability scenario 7: Ctrl-C (SIGINT) during `mrigen.generate` and during a study, then `--resume`.
+
+- generate: a real `python -m mrigen.generate` process (file writes slowed down by a wrapper so the signal lands
+  mid-set) is interrupted twice, then resumed to the end. Nothing appears under --out until the set is complete,
+  every file kept in OUT.partial/ is whole (its sha256 matches its completion record), no temp file is left, and
+  the final set is byte-identical to an uninterrupted in-process run.
+- study: `python -m mrigen.tune` on the session stack (Optuna on PostgreSQL, MLflow server) is interrupted while a
+  trial runs, then rerun with `--resume`. Trials finished before the signal keep their state, value and MLflow run
+  (no second run), the interrupted trial and its run are closed (not RUNNING), no scratch folder is left, and the
+  study reaches its trial count with the champion on its best trial.
+
+Counts go to ``tests/reliability/.results/interrupt-*.json`` (read by docs/RELIABILITY_CLIENTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from mrigen.generate import DONE_FILE, generate, partial_dir, resolve_model
+from mrigen.models import ModelConfig, build_model, save_model
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(420)]
+
+RESULTS = Path(__file__).parent / ".results"
+N_SLICES, BATCH = 48, 4
+_SLOW_GENERATE = textwrap.dedent("""
+    import sys, time
+    import mrigen.generate as g
+    real = g._write_one
+    def slow(path, image, fmt):
+        time.sleep(0.05)
+        real(path, image, fmt)
+    g._write_one = slow
+    sys.exit(g.main(sys.argv[1:]))
+""")
+STUDY = """
+description: interrupt/resume study for the reliability tests
+family: vae
+base:
+  model: {blocks: 3}
+  train: {batch_size: 16, grid_every: 1}
+search_space:
+  train.lr: {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
+  model.kernel_size: {type: categorical, choices: [3, 4]}
+objective: {metric: val_ssim, direction: maximize}
+pruner: {type: none}
+demo_budget: {trials: 2, epochs: 1, image_size: 32}
+"""
+
+
+def _save(name: str, body: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(body, indent=2) + "\n")
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `predicate` until true; fail (with the process's output) if the process ends or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (rc {proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _done_lines(out: Path) -> int:
+    path = partial_dir(out) / DONE_FILE
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_generate_interrupted_twice_then_resumed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model_dir = save_model(build_model(ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent_dim=16)),
+                           tmp_path / "model")
+    reference = tmp_path / "reference"
+    generate(resolve_model(str(model_dir), device="cpu"), N_SLICES, reference, seed=3, batch_size=BATCH,
+             progress=False)
+    wrapper = tmp_path / "slow_generate.py"
+    wrapper.write_text(_SLOW_GENERATE)
+    out = tmp_path / "synth"
+    args = ["--model", str(model_dir), "-n", str(N_SLICES), "--batch-size", str(BATCH), "--seed", "3",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    interrupts, kept, whole, resumed_from = 0, [], 0, []
+    for stop_after in (6, 25):                          # first run, then a resumed run, each Ctrl-C'd mid-set
+        extra = ["--resume"] if interrupts else []
+        proc = subprocess.Popen([sys.executable, str(wrapper), *args, *extra], text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        _wait(lambda: _done_lines(out) >= stop_after, proc, 240, f"{stop_after} slices")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        interrupts += 1
+        assert proc.returncode == 130, err[-3000:]
+        assert "rerun with --resume" in err and not out.exists()
+        partial = partial_dir(out)
+        records = [json.loads(line) for line in (partial / DONE_FILE).read_text().splitlines()]
+        slices = sorted(p.name for p in partial.glob("slice_*"))
+        assert not list(partial.glob(".tmp-*"))                                  # no half-written file
+        assert sorted(r["file"] for r in records) == slices                     # every file recorded, nothing else
+        ref = _tree(reference)
+        whole += sum(ref[name] == (partial / name).read_bytes() for name in slices)
+        assert all(ref[name] == (partial / name).read_bytes() for name in slices)
+        kept.append(len(slices))
+        if interrupts > 1:
+            resumed_from.append(int(err.split("resuming")[1].split(":")[1].split("/")[0]))
+    assert kept[0] >= 6 and kept[1] >= 25 and resumed_from == [kept[0]]
+    proc = subprocess.run([sys.executable, "-m", "mrigen.generate", *args, "--resume"], capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming {partial_dir(out)}: {kept[1]}/{N_SLICES}" in proc.stderr
+    identical = _tree(out) == _tree(reference)
+    _save("interrupt-generate", {"slices": N_SLICES, "batch_size": BATCH, "sigint_sent": interrupts,
+                                 "slices_kept_at_each_interrupt": kept, "kept_files_whole_and_correct": whole,
+                                 "half_written_files": 0, "out_written_before_completion": False,
+                                 "regenerated_after_last_resume": N_SLICES - kept[1],
+                                 "final_set_identical_to_uninterrupted_run": identical})
+    assert identical and not partial_dir(out).exists()
+
+
+def _tune(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mrigen.tune", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_study_interrupted_then_resumed(stack, mlflow_env: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from mrigen.data import build_demo_store
+
+    store = build_demo_store(tmp_path / "store", subjects=6, size=32, seed=0, progress=False)
+    name = f"intr-{uuid.uuid4().hex[:8]}"
+    study_file = tmp_path / f"{name}.yaml"
+    study_file.write_text(textwrap.dedent(STUDY))
+    work = tmp_path / "work"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stack.tracking_uri, "OPTUNA_STORAGE": stack.postgres_url}
+    args = ["--study", str(study_file), "--data", str(store.path), "--work-dir", str(work), "--n-trials", "2"]
+    storage = optuna.storages.RDBStorage(stack.postgres_url)
+
+    def trials():
+        try:
+            return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        except KeyError:                                        # not created yet
+            return []
+
+    client = MlflowClient(stack.tracking_uri)
+
+    def training_now() -> bool:
+        """A trial finished, and the running trial's MLflow run exists (the signal lands mid-training)."""
+        ts = trials()
+        running = [t.number for t in ts if t.state == TrialState.RUNNING]
+        if not running or not any(t.state == TrialState.COMPLETE for t in ts):
+            return False
+        exp = client.get_experiment_by_name(f"mrigen-{name}")
+        return exp is not None and bool(client.search_runs(
+            [exp.experiment_id], f"tags.`optuna.trial_number` = '{running[0]}' and attributes.status = 'RUNNING'"))
+
+    proc = _tune(args, tmp_path, env)
+    _wait(training_now, proc, 300, "one finished trial and a running trial with its MLflow run")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "interrupt-study-sigint.log").write_text(out + "\n---- stderr ----\n" + err)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    before = {t.number: t for t in trials()}
+    finished_before = {n: t for n, t in before.items() if t.state == TrialState.COMPLETE}
+    left_running = [n for n, t in before.items() if t.state == TrialState.RUNNING]
+    exp = client.get_experiment_by_name(f"mrigen-{name}")
+    runs_after_interrupt = client.search_runs([exp.experiment_id])
+    open_runs = [r.info.run_name for r in runs_after_interrupt if r.info.status == "RUNNING"]
+    scratch_left = list((work / "trials").glob("*")) if (work / "trials").exists() else []
+
+    resumed = _tune([*args, "--resume"], tmp_path, env)
+    rout, rerr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, rout[-2000:] + rerr[-3000:]
+    after = {t.number: t for t in trials()}
+    complete = [t for t in after.values() if t.state == TrialState.COMPLETE]
+    runs = client.search_runs([exp.experiment_id])
+    trial_runs: dict[str, list] = {}
+    for r in runs:
+        if "optuna.trial_number" in r.data.tags:
+            trial_runs.setdefault(r.data.tags["optuna.trial_number"], []).append(r)
+    unchanged = sum(after[n].state == TrialState.COMPLETE and after[n].value == t.value
+                    and after[n].user_attrs.get("mlflow_run_id") == t.user_attrs.get("mlflow_run_id")
+                    for n, t in finished_before.items())
+    redone = sum(len(trial_runs.get(str(n), [])) - 1 for n in finished_before)
+    champion = client.get_model_version_by_alias(f"mrigen-{name}", "champion")
+    best = max(complete, key=lambda t: t.value)
+    interrupted = [t for n, t in before.items() if t.state == TrialState.FAIL]
+    interrupted_run_status = [client.get_run(t.user_attrs["mlflow_run_id"]).info.status if "mlflow_run_id" in
+                              t.user_attrs else next((r.info.status for r in trial_runs.get(str(t.number), [])), None)
+                              for t in interrupted]
+    _save("interrupt-study", {
+        "sigint_sent": 1, "trials_target": 2, "finished_before_interrupt": len(finished_before),
+        "trials_left_running_after_interrupt": len(left_running), "interrupted_trials_failed": len(interrupted),
+        "interrupted_trial_run_status": interrupted_run_status, "mlflow_runs_left_running": len(open_runs),
+        "scratch_dirs_left": len(scratch_left), "finished_trials_unchanged_after_resume": unchanged,
+        "finished_trials_redone": redone, "complete_after_resume": len(complete),
+        "trials_total": len(after), "champion_is_best_trial": champion.run_id == best.user_attrs["mlflow_run_id"],
+        "runs_running_at_end": sum(r.info.status == "RUNNING" for r in runs)})
+
+    assert finished_before and not left_running and len(interrupted) == 1
+    assert not open_runs and interrupted_run_status == ["KILLED"]
+    assert scratch_left == []
+    assert unchanged == len(finished_before) and redone == 0
+    assert len(complete) == 2 and len(after) == 3                 # 2 finished + the one interrupted
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.xfail(strict=True, reason="mrigen/tracking/hook.py: a SIGINT that lands after the server created the run "
+                   "but before MlflowHook.on_start registers it (safety.register_open_run) leaves the run RUNNING "
+                   "forever; seen once in test_study_interrupted_then_resumed. Fix: block SIGINT/SIGTERM "
+                   "(signal.pthread_sigmask) around create_run + register_open_run, or register a closer before "
+                   "create_run returns")
+def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env: str, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from mrigen.tracking import MlflowHook
+    from mrigen.train.hooks import TrainContext
+
+    cfg = ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent_dim=16)
+    from mrigen.train import TrainConfig
+
+    ctx = TrainContext(model=build_model(cfg), model_cfg=cfg, train_cfg=TrainConfig(epochs=1, device="cpu"),
+                       device=torch.device("cpu"), data_digest="0" * 64, data_path="/tmp/x", out_dir=None,
+                       n_train=1, n_val=1)
+    experiment, created = f"ctrl-c-{uuid.uuid4().hex[:8]}", []
+    real = MlflowClient.create_run
+
+    def create_then_interrupt(self, *args, **kwargs):
+        run = real(self, *args, **kwargs)
+        created.append(run.info.run_id)
+        raise KeyboardInterrupt                      # the signal arrives as the server's answer comes back
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_then_interrupt)
+    hook = MlflowHook(tracking_uri=mlflow_env, experiment=experiment, system_metrics=False)
+    with pytest.raises(KeyboardInterrupt):
+        hook.on_start(ctx)
+    monkeypatch.undo()
+    _save("interrupt-create-run-window", {"sigint_sent": 1, "runs_created": len(created),
+                                          "runs_left_running": sum(MlflowClient(mlflow_env).get_run(r).info.status
+                                                                   == "RUNNING" for r in created)})
+    assert MlflowClient(mlflow_env).get_run(created[0]).info.status != "RUNNING"
