@@ -102,10 +102,13 @@ class MlflowHook(Hook):
             raise RuntimeError(f"MlflowHook: run {self.run_id} is already terminated; use a new hook per run")
         self.client, self.tracking_uri = make_client(self.tracking_uri)
         self.experiment_id = get_or_create_experiment(self.client, self.experiment)
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._run_tags(ctx))
-        self.run_id = run.info.run_id
         safety.install_handlers()
-        safety.register_open_run(self.run_id, self._close_from_signal)
+        # Ctrl-C / SIGTERM between "the server created the run" and "a closer is registered" would leave the run
+        # RUNNING for ever: hold those signals until the closer exists (they are delivered right after).
+        with safety.signals_deferred():
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._run_tags(ctx))
+            self.run_id = run.info.run_id
+            safety.register_open_run(self.run_id, self._close_from_signal)
         try:
             params = [Param(k, _param_value(v)) for k, v in sorted(ctx.params().items())]
             params += [Param("data.n_train", str(ctx.n_train)), Param("data.n_val", str(ctx.n_val))]

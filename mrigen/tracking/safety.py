@@ -7,14 +7,16 @@ the previous handler) and an `atexit` hook. A run left RUNNING forever would loo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Callable
 
-__all__ = ["register_open_run", "unregister_run", "open_runs", "terminate_open_runs", "install_handlers"]
+__all__ = ["signals_deferred", "register_open_run", "unregister_run", "open_runs", "terminate_open_runs", "install_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,21 @@ _OPEN: dict[str, tuple[int, Callable[[str, str], None]]] = {}
 _LOCK = threading.Lock()
 _STATE = {"atexit": False, "signals": False, "crashed": False}
 _PREVIOUS: dict[int, object] = {}
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread for the block; a signal that arrives meanwhile is delivered on
+    exit. Outside the main thread (handlers only run there) or without pthread_sigmask it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def register_open_run(run_id: str, closer: Callable[[str, str], None]) -> None:

@@ -152,6 +152,8 @@ def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | N
         print(f"[{opts.worker}] study {spec.name} already has {done}/{budget.trials} finished trials; "
               f"nothing to do (raise --n-trials to add more)")
         return study
+    if opts.resume:
+        _requeue_interrupted(study, opts.worker)
     runner = TrialRunner(spec=spec, store=store, budget=budget, tracking_uri=opts.tracking_uri,
                          experiment=f"mrigen-{spec.name}", parent_run_id=parent_run_id,
                          registered_name=opts.register_name or f"mrigen-{spec.name}", work_dir=opts.work_dir,
@@ -162,6 +164,18 @@ def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | N
                    callbacks=[optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
                               _StopAfterFailures(budget.trials)])
     return study
+
+
+def _requeue_interrupted(study: optuna.Study, worker: str) -> None:
+    """--resume: trials that failed (Ctrl-C, a crash) and were not retried yet run again with the same params."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get("requeued_from")
+                                                                       for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number not in retried and t.params:
+            study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+            print(f"[{worker}] --resume: trial {t.number} failed before finishing; re-queued with the same params",
+                  flush=True)
 
 
 def spawn_workers(opts: TuneOptions, argv: list[str]) -> int:

@@ -215,7 +215,10 @@ def test_study_interrupted_then_resumed(stack, mlflow_env: str, tmp_path: Path) 
         "scratch_dirs_left": len(scratch_left), "finished_trials_unchanged_after_resume": unchanged,
         "finished_trials_redone": redone, "complete_after_resume": len(complete),
         "trials_total": len(after), "champion_is_best_trial": champion.run_id == best.user_attrs["mlflow_run_id"],
-        "runs_running_at_end": sum(r.info.status == "RUNNING" for r in runs)})
+        "runs_running_at_end": sum(r.info.status == "RUNNING" for r in runs),
+        "interrupted_trial_requeued_same_params": sum(t.user_attrs.get("requeued_from") == i.number
+                                                      and t.params == i.params
+                                                      for t in after.values() for i in interrupted)})
 
     assert finished_before and not left_running and len(interrupted) == 1
     assert not open_runs and interrupted_run_status == ["KILLED"]
@@ -224,13 +227,11 @@ def test_study_interrupted_then_resumed(stack, mlflow_env: str, tmp_path: Path) 
     assert len(complete) == 2 and len(after) == 3                 # 2 finished + the one interrupted
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
     assert all(r.info.status != "RUNNING" for r in runs)
+    requeued = [t for t in after.values() if t.user_attrs.get("requeued_from") == interrupted[0].number]
+    assert len(requeued) == 1 and requeued[0].params == interrupted[0].params       # same params, run again
+    assert requeued[0].state == TrialState.COMPLETE
 
 
-@pytest.mark.xfail(strict=True, reason="mrigen/tracking/hook.py: a SIGINT that lands after the server created the run "
-                   "but before MlflowHook.on_start registers it (safety.register_open_run) leaves the run RUNNING "
-                   "forever; seen once in test_study_interrupted_then_resumed. Fix: block SIGINT/SIGTERM "
-                   "(signal.pthread_sigmask) around create_run + register_open_run, or register a closer before "
-                   "create_run returns")
 def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env: str, monkeypatch) -> None:
     from mlflow import MlflowClient
 
@@ -249,7 +250,8 @@ def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env:
     def create_then_interrupt(self, *args, **kwargs):
         run = real(self, *args, **kwargs)
         created.append(run.info.run_id)
-        raise KeyboardInterrupt                      # the signal arrives as the server's answer comes back
+        os.kill(os.getpid(), signal.SIGINT)          # a real Ctrl-C, arriving as the server's answer comes back
+        return run
 
     monkeypatch.setattr(MlflowClient, "create_run", create_then_interrupt)
     hook = MlflowHook(tracking_uri=mlflow_env, experiment=experiment, system_metrics=False)
