@@ -40,18 +40,21 @@ def _storage_retry(fn, what: str, retry_for_s: float = 120.0):
     """Call `fn`, riding out a storage database that is restarting (connection errors) for up to `retry_for_s`."""
     import time
 
+    from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import DBAPIError, OperationalError
+
+    def connection_error(exc: BaseException | None) -> bool:
+        return isinstance(exc, OperationalError) or bool(getattr(exc, "connection_invalidated", False))
 
     deadline, wait = time.monotonic() + retry_for_s, 0.5
     while True:
         try:
             return fn()
-        except (OperationalError, DBAPIError) as exc:
-            if not getattr(exc, "connection_invalidated", False) and not isinstance(exc, OperationalError):
+        except (DBAPIError, StorageInternalError) as exc:      # Optuna wraps the driver error in the latter
+            cause = exc.__cause__ if isinstance(exc, StorageInternalError) else exc
+            if not connection_error(cause) or time.monotonic() + wait > deadline:
                 raise
-            if time.monotonic() + wait > deadline:
-                raise
-            log.warning("could not %s (%s); retrying in %.1f s", what, str(exc.orig or exc).splitlines()[0], wait)
+            log.warning("could not %s (%s); retrying in %.1f s", what, str(cause).splitlines()[0][:200], wait)
             time.sleep(wait)
             wait = min(wait * 2, 15.0)
 

@@ -11,11 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mrigen.tune.objective import TrialRunner
@@ -55,7 +56,7 @@ class StaleTrialCallback:
     is marked FAILED with the reason."""
 
     def __init__(self, tracking_uri: str | None, grace_s: int, max_retry: int = 2) -> None:
-        self.retry = RetryFailedTrialCallback(max_retry=max_retry)
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         self.tracking_uri, self.grace_s = tracking_uri, grace_s
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -77,9 +78,11 @@ def make_storage(url: str, heartbeat: int, tracking_uri: str | None = None) -> R
     """RDB storage with heartbeats (stale trials -> FAIL and retried with the same params) and pre-ping."""
     # SQLite: wait for the file lock rather than fail when several local workers write at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                      failed_trial_callback=StaleTrialCallback(tracking_uri, 3 * heartbeat),
-                      engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():          # heartbeats are "experimental" in Optuna; we rely on them knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                          heartbeat_stale_trial_callback=StaleTrialCallback(tracking_uri, 3 * heartbeat),
+                          engine_kwargs=engine_kwargs)
 
 
 def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -329,6 +329,7 @@ def test_postgres_restart_mid_study(healthy, store, tmp_path):
     rc = proc.wait(timeout=180)
     reader.join(timeout=5)
     output = "".join(lines)
+    (RESULTS / "servers-postgres-restart.log").write_text(output) if RESULTS.exists() else None
     study = optuna.load_study(study_name="rel-pg", storage=info.postgres_url)
     states = [t.state.name for t in study.trials]
     client = MlflowClient(info.tracking_uri)

@@ -48,3 +48,22 @@ def test_storage_retry_gives_up_after_its_budget(monkeypatch):
 
     with pytest.raises(OperationalError):
         objective._storage_retry(down, "report", retry_for_s=0.0)
+
+
+def test_storage_retry_unwraps_optunas_storage_error(monkeypatch):
+    """Optuna re-raises a failed commit as StorageInternalError from the driver's OperationalError."""
+    from optuna.exceptions import StorageInternalError
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def commit_while_db_restarts():
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise OperationalError("COMMIT", {}, Exception("the database system is shutting down"))
+            except OperationalError as exc:
+                raise StorageInternalError("An exception is raised during the commit.") from exc
+        return "ok"
+
+    assert objective._storage_retry(commit_while_db_restarts, "report") == "ok" and len(calls) == 2
