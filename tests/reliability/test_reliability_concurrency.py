@@ -5,7 +5,7 @@ the experiment if missing (the creation race), logs a run with params, a metric 
 it under one shared model name with its own distinct metric value and runs `promote_if_better`. It must hold that
 every run lands in the one experiment, version numbers are unique (1..8, one per run), every version points at its
 own run with its own value, no run is left RUNNING, and `champion` ends on the best value. Counts go to
-``tests/reliability/.results/concurrency.json`` (read by docs/RELIABILITY_CLIENTS.md).
+``tests/reliability/.results/concurrency.json`` (read by docs/RELIABILITY.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every bad-input kind of the data tests, fuzzed headers, mutated gzip streams and
 as one file beside one good file: ingest must not raise, the good file is always used, and the other file is
 either used (finite slices in [0, 1]) or skipped with exactly one warning line ``skipped NAME: reason``. Counts
 of what was run and what held go to ``tests/reliability/.results/data-<case>.json`` (read by
-docs/RELIABILITY_DATA.md). Re-ingesting over a store, and ``python -m mrigen.data verify``, name every source
+docs/RELIABILITY.md). Re-ingesting over a store, and ``python -m mrigen.data verify``, name every source
 whose bytes differ from the store's manifest.
 """
 

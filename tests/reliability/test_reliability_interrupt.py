@@ -9,7 +9,7 @@
   (no second run), the interrupted trial and its run are closed (not RUNNING), no scratch folder is left, and the
   study reaches its trial count with the champion on its best trial.
 
-Counts go to ``tests/reliability/.results/interrupt-*.json`` (read by docs/RELIABILITY_CLIENTS.md).
+Counts go to ``tests/reliability/.results/interrupt-*.json`` (read by docs/RELIABILITY.md).
 """
 
 from __future__ import annotations

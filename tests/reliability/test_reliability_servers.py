@@ -11,7 +11,7 @@
 
 The scenarios restart servers, so they run on a private stack (not the session one). MLflow's own HTTP retries
 are turned down in this process (`MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`) so that mrigen's retry layer is what
-rides out the outages. Counts go to ``tests/reliability/.results/servers-<scenario>.json`` (docs/RELIABILITY_SERVERS.md).
+rides out the outages. Counts go to ``tests/reliability/.results/servers-<scenario>.json`` (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
