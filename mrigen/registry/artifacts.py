@@ -158,6 +158,16 @@ def verify_downloaded(local: Path, tags: dict[str, str], spec: str) -> None:
         raise RegistryError(f"{spec}: downloaded files do not match the sha256 recorded at registration: {bad[:5]}")
 
 
+def lookup(fetch, missing: str):
+    """`fetch()`, turning MLflow's not-found answer into `RegistryError(missing)`; other errors pass through."""
+    try:
+        return fetch()
+    except MlflowException as exc:
+        if _not_found(exc) or exc.error_code == "INVALID_PARAMETER_VALUE":
+            raise RegistryError(missing) from None
+        raise
+
+
 def describe_model_uri(client: MlflowClient, spec: str) -> dict:
     """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/<model_id>` or `runs:/ID/PATH`.
 
@@ -181,29 +191,17 @@ def describe_model_uri(client: MlflowClient, spec: str) -> dict:
         if "@" in body:
             name, alias = body.split("@", 1)
             _registered(client, name)
-            try:
-                mv = client.get_model_version_by_alias(name, alias)
-            except MlflowException as exc:
-                if _not_found(exc) or exc.error_code == "INVALID_PARAMETER_VALUE":
-                    raise RegistryError(f"model {name!r} has no alias {alias!r}") from None
-                raise
+            mv = lookup(lambda: client.get_model_version_by_alias(name, alias),
+                        f"model {name!r} has no alias {alias!r}")
         elif "/" in body:
             name, version = body.rsplit("/", 1)
             _registered(client, name)
-            try:
-                mv = client.get_model_version(name, version)
-            except MlflowException as exc:
-                if _not_found(exc) or exc.error_code == "INVALID_PARAMETER_VALUE":
-                    raise RegistryError(f"model {name!r} has no version {version!r}") from None
-                raise
+            mv = lookup(lambda: client.get_model_version(name, version),
+                        f"model {name!r} has no version {version!r}")
         else:
-            try:
-                logged = client.get_logged_model(body)
-            except MlflowException as exc:
-                if _not_found(exc) or exc.error_code == "INVALID_PARAMETER_VALUE":
-                    raise RegistryError(f"{spec}: no registered model name with @alias or /version, and no logged "
-                                        f"model with id {body!r}") from None
-                raise
+            logged = lookup(lambda: client.get_logged_model(body),
+                            f"{spec}: no registered model name with @alias or /version, and no logged "
+                            f"model with id {body!r}")
             return {"name": None, "version": None, "run_id": logged.source_run_id, "tags": {}, "download_uri": spec}
     except MlflowException as exc:
         raise RegistryError(f"{spec}: {error_line(exc)}") from None

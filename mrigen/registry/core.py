@@ -16,7 +16,7 @@ import time
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mrigen.registry.artifacts import SHA_TAG, RegistryError, _not_found, _registered, verify_model_artifacts
+from mrigen.registry.artifacts import SHA_TAG, RegistryError, _not_found, _registered, lookup, verify_model_artifacts
 from mrigen.tracking.client import error_line, make_client, redact, use_tracking_uri
 
 __all__ = ["CHAMPION", "register", "promote_if_better", "list_models", "show", "champion", "model_card"]
@@ -174,12 +174,7 @@ def promote_if_better(name: str, version: str | int, *, metric: str | None = Non
     client, _ = make_client(tracking_uri, announce=False)
     _registered(client, name)
     version = str(version)
-    try:
-        mv = client.get_model_version(name, version)
-    except MlflowException as exc:
-        if _not_found(exc) or exc.error_code == "INVALID_PARAMETER_VALUE":
-            raise RegistryError(f"model {name!r} has no version {version}") from None
-        raise
+    mv = lookup(lambda: client.get_model_version(name, version), f"model {name!r} has no version {version}")
     tags = mv.tags or {}
     metric = metric or tags.get(METRIC_TAG)
     if greater_is_better is None:
