@@ -41,8 +41,8 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
         client.delete_run(mine)
     else:
         client.log_batch(mine, params=[
-            optuna_param("study.family", spec.family), optuna_param("study.metric", spec.metric),
-            optuna_param("study.direction", spec.direction), optuna_param("study.file", spec.path.name)])
+            _param("study.family", spec.family), _param("study.metric", spec.metric),
+            _param("study.direction", spec.direction), _param("study.file", spec.path.name)])
     study.set_user_attr(PARENT_ATTR, winner)
     return winner
 
@@ -66,7 +66,8 @@ def _with_retries(fn, what: str, attempts: int = 5):
     raise AssertionError("unreachable")
 
 
-def optuna_param(key: str, value) -> "object":
+def _param(key: str, value):
+    """An MLflow Param with the value as a string."""
     from mlflow.entities import Param
 
     return Param(key, str(value))
@@ -90,23 +91,23 @@ def summarise(study: optuna.Study, tracking_uri: str, parent_run_id: str, status
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
     import time
+
+    from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     now = int(time.time() * 1000)
     metrics = [Metric(f"n_{s.name.lower()}", states.count(s), now, 0)
                for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-    params: list[Param] = []
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if completed:
         best = study.best_trial
         metrics.append(Metric("best_value", best.value, now, 0))
         metrics.append(Metric("best_trial", best.number, now, 0))
         client.set_tag(parent_run_id, "best_params", str(best.params))
         client.set_tag(parent_run_id, "best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
-    client.log_batch(parent_run_id, metrics=metrics, params=params)
+    client.log_batch(parent_run_id, metrics=metrics)
     client.log_text(parent_run_id, summary_table(study), "study_summary.txt")
     plots = {"optimization_history": optuna.visualization.matplotlib.plot_optimization_history}
     if len(completed) >= 2:
