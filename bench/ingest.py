@@ -6,7 +6,9 @@ Writes N demo volumes on the IXI T1 grid (256x256x150 int16 .nii.gz) into a temp
 hashing, store write). Prints the ratio ingest_wall / (bare_decode / W); the target is <= 1.3. Also prints
 the one-worker ingest against the same bare decode (per-volume overhead, independent of parallel scaling), and
 (c) the bare decode spread over W processes, which shows how far the machine itself scales with W (on a
-2-core machine whose cores share caches and memory bandwidth, far from W x).
+2-core machine whose cores share caches and memory bandwidth, far from W x). Last, (d) the gzip inflate alone
+with zlib (what nibabel uses) and with ISA-L (what ingest uses), so the share of the gain that comes from the
+faster inflater is visible.
 
     python bench/ingest.py --volumes 8 --workers 2 [--cohort DIR]   # DIR: reuse/keep the generated volumes
 """
@@ -20,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import zlib
+
 import nibabel as nib
 import numpy as np
+from isal import isal_zlib
 
 from mrigen.data.config import IngestConfig
 from mrigen.data.demo import make_demo_cohort
@@ -48,7 +53,7 @@ def main() -> None:
             files = make_demo_cohort(cohort, subjects=args.volumes, seed=0, modality="T1")
         shape = nib.load(files[0]).shape
         mb = sum(f.stat().st_size for f in files) / 1e6
-        bare, wall, one, bare_par = [], [], [], []
+        bare, wall, one, bare_par, inflate = [], [], [], [], {"zlib": [], "isal": []}
         cfg = IngestConfig(size=args.size, workers=args.workers)
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -66,6 +71,11 @@ def main() -> None:
             ingest(cohort, Path(tmp) / "store1", IngestConfig(size=args.size, workers=1), overwrite=True,
                    progress=False)
             one.append(time.perf_counter() - t)
+            for name, lib in (("zlib", zlib), ("isal", isal_zlib)):
+                t = time.perf_counter()
+                for f in files:
+                    lib.decompressobj(wbits=31).decompress(f.read_bytes())
+                inflate[name].append(time.perf_counter() - t)
         b, w, w1, bp = min(bare), min(wall), min(one), min(bare_par)
         target = b / args.workers
         print(f"volumes: {args.volumes} x {shape} int16 .nii.gz ({mb:.0f} MB), workers {args.workers}, "
@@ -77,6 +87,9 @@ def main() -> None:
         print(f"ratio ingest / (bare / workers): {w / target:.2f}  (target <= 1.30)")
         print(f"bare decode in {args.workers} processes: {bp:.2f} s (machine scaling {b / bp:.2f}x of "
               f"{args.workers}x); ratio ingest / parallel bare decode: {w / bp:.2f}")
+        z, i = min(inflate["zlib"]), min(inflate["isal"])
+        print(f"gzip inflate alone, 1 process: zlib {z / args.volumes * 1000:.0f} ms/volume, ISA-L "
+              f"{i / args.volumes * 1000:.0f} ms/volume ({z / i:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -142,15 +142,15 @@ def _changes_since(out: Path, current: dict[str, str | None]) -> tuple[SourceCha
     if not out.exists():
         return None, None
     try:
-        old = SliceStore.open(out)
+        old = SliceStore.read_manifest(out)  # the sources are in the manifest; the old images need no re-hash
     except StoreError as exc:
         log.warning("cannot compare sources with the existing store: %s", exc)
         return None, None
-    changes = compare_sources(recorded_sources(old.manifest), current)
+    changes = compare_sources(recorded_sources(old), current)
     for kind, names in (("changed", changes.changed), ("added", changes.added), ("removed", changes.removed)):
         for name in names:
             log.warning("source %s since the existing store %s: %s", kind, out, name)
-    return changes, old.digest
+    return changes, old["images"]["sha256"]
 
 
 def ingest(ixi_dir: Path | str, out: Path | str, cfg: IngestConfig = IngestConfig(), overwrite: bool = False,

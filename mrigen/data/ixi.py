@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from python_calamine import CalamineError
 
 __all__ = [
     "SITES",
@@ -130,10 +131,10 @@ def read_demographics(path: Path) -> Demographics:
     """
     try:
         if path.suffix.lower() in (".xls", ".xlsx"):
-            table = pd.read_excel(path)
+            table = pd.read_excel(path, engine="calamine")  # reads IXI.xls (BIFF8) and .xlsx alike
         else:
             table = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except (OSError, ValueError, pd.errors.ParserError, CalamineError) as exc:
         raise ValueError(f"demographics {path}: cannot read ({exc})") from exc
     table.columns = [str(c).strip().upper() for c in table.columns]
     if "IXI_ID" not in table.columns:

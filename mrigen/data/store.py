@@ -65,6 +65,20 @@ class SliceStore:
             StoreError: naming the store and what does not match.
         """
         path = Path(path)
+        manifest = cls.read_manifest(path)
+        ipath = path / IMAGES
+        if _sha256_file(ipath) != manifest["images"]["sha256"]:
+            raise StoreError(f"{ipath}: sha256 does not match the manifest (tampered or corrupt)")
+        return cls._map(path, manifest)
+
+    @staticmethod
+    def read_manifest(path: Path | str) -> dict[str, Any]:
+        """A store's manifest, checked against its own ``manifest_sha256`` (images.npy is not read).
+
+        Raises:
+            StoreError: if the store's files are missing or the manifest is not valid or was edited.
+        """
+        path = Path(path)
         mpath, ipath = path / MANIFEST, path / IMAGES
         if not mpath.is_file() or not ipath.is_file():
             raise StoreError(f"{path}: not a slice store (needs {MANIFEST} and {IMAGES})")
@@ -76,8 +90,12 @@ class SliceStore:
             raise StoreError(f"{mpath}: format is not {FORMAT}")
         if manifest.get("manifest_sha256") != _manifest_digest(manifest):
             raise StoreError(f"{mpath}: content does not match its manifest_sha256 (edited or corrupt)")
-        if _sha256_file(ipath) != manifest["images"]["sha256"]:
-            raise StoreError(f"{ipath}: sha256 does not match the manifest (tampered or corrupt)")
+        return manifest
+
+    @classmethod
+    def _map(cls, path: Path, manifest: dict[str, Any]) -> SliceStore:
+        """Memory-map images.npy and check its shape and the split ranges against ``manifest``."""
+        mpath, ipath = path / MANIFEST, path / IMAGES
         try:
             images = np.load(ipath, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
@@ -187,4 +205,4 @@ def write_store(path: Path, images: list[np.ndarray], manifest: dict[str, Any], 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return SliceStore.open(path)
+    return SliceStore._map(path, manifest)  # hashed above as written: no second read of images.npy

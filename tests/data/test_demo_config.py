@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import xlwt  # writes Excel 97 workbooks, the format of IXI.xls (test extra)
 
 from mrigen.data.config import IngestConfig
 from mrigen.data.demo import DemoSubject, _subject_volume, make_demo_cohort
-from mrigen.data.ixi import DEMOGRAPHIC_COLUMNS, discover, ixi_name, parse_ixi_name, read_demographics
+from mrigen.data.ixi import (DEMOGRAPHIC_COLUMNS, discover, find_demographics, ixi_name, parse_ixi_name,
+                             read_demographics)
 
 
 def test_demo_cohort_layout_and_determinism(demo_cohort_src, tmp_path):
@@ -93,6 +96,42 @@ def test_demographics_duplicates_conflicts_and_zero_missing(tmp_path):
     (tmp_path / "bad.csv").write_text("A,B\n1,2\n")
     with pytest.raises(ValueError, match="no IXI_ID column"):
         read_demographics(tmp_path / "bad.csv")
+
+
+def _write_xls(path: Path, rows: list[tuple]) -> None:
+    """An Excel 97 (BIFF8) workbook laid out like IXI.xls: one sheet, IXI's header row, dates as date cells."""
+    book = xlwt.Workbook()
+    sheet = book.add_sheet("Table")
+    date = xlwt.easyxf(num_format_str="YYYY-MM-DD")
+    for j, name in enumerate(DEMOGRAPHIC_COLUMNS):
+        sheet.write(0, j, name)
+    for i, row in enumerate(rows, start=1):
+        for j, value in enumerate(row):
+            if value is None:
+                continue  # a blank cell, as in IXI.xls
+            sheet.write(i, j, value, date) if isinstance(value, datetime.date) else sheet.write(i, j, value)
+    book.save(str(path))
+
+
+def test_demographics_from_an_ixi_xls_workbook(tmp_path):
+    d = datetime.date
+    _write_xls(tmp_path / "IXI.xls", [
+        # IXI_ID SEX HEIGHT WEIGHT ETHNIC MARITAL OCCUP QUALIF DOB DATE_AVAILABLE STUDY_DATE AGE
+        (2, 2, 164, 58, 1, 4, 1, 5, d(1970, 1, 30), 1, d(2005, 11, 18), 35.8),
+        (12, 1, 175, 70, 1, 2, 1, 5, d(1966, 8, 20), 1, d(2005, 6, 1), 38.78),
+        (12, 1, 175, 70, 1, 2, 1, 5, d(1966, 8, 20), 1, d(2005, 6, 1), 38.78),  # duplicate row, consistent
+        (13, 1, 0, 0, 0, 0, 0, 0, None, 0, None, None),  # IXI's 0 / blank = missing
+        (None, 1, 170, 60, 1, 1, 1, 1, None, 1, None, 40.0),  # no id
+    ])
+    assert find_demographics(tmp_path) == tmp_path / "IXI.xls"
+    demo = read_demographics(tmp_path / "IXI.xls")
+    assert demo.age == {2: 35.8, 12: 38.78} and demo.sex == {2: "F", 12: "M", 13: "M"}
+    text = "\n".join(demo.dropped)
+    assert "IXI_ID 12: 2 rows, merged" in text and "row 6" in text
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "IXI.xls").write_bytes(b"\xd0\xcf\x11\xe0 not a workbook")
+    with pytest.raises(ValueError, match=r"demographics .*IXI.xls: cannot read"):
+        read_demographics(tmp_path / "bad" / "IXI.xls")
 
 
 def test_config_defaults_and_round_trip():

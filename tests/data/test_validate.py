@@ -50,6 +50,13 @@ def _corrupt_gzip(d: Path, good: nib.Nifti1Image) -> Path:
     return d / "x.nii.gz"
 
 
+def _bad_crc(d: Path, good: nib.Nifti1Image) -> Path:
+    raw = bytearray(_save(good, d / "full.nii.gz").read_bytes())
+    raw[-8] ^= 0x01  # the member's CRC-32: the deflate data decodes, the checksum must catch it
+    (d / "x.nii.gz").write_bytes(bytes(raw))
+    return d / "x.nii.gz"
+
+
 def _two_d(d: Path, good: nib.Nifti1Image) -> Path:
     return _save(nib.Nifti1Image(np.ones((32, 32), np.int16), np.eye(4)), d / "x.nii.gz")
 
@@ -106,6 +113,7 @@ BAD = [
     (_random_nii, "not a NIfTI file"),
     (_truncated, "truncated"),
     (_corrupt_gzip, "corrupt gzip data"),
+    (_bad_crc, "corrupt gzip data"),
     (_two_d, "2-D image"),
     (_four_d, "4-D image"),
     (_zero_dim, "zero-size dimension"),
