@@ -114,6 +114,9 @@ def _decompress(path: Path, raw: bytes, limit: int, whole: bool = False) -> byte
         while rest and (whole or got < limit):
             if got and not rest.strip(b"\0"):
                 break  # NUL padding after the last member
+            if rest[:2] != b"\x1f\x8b":
+                raise VolumeError(path, f"corrupt gzip data ({len(rest):,} bytes after a complete gzip member "
+                                        "are neither a gzip member nor NUL padding)")
             d, buf = isal_zlib.decompressobj(wbits=31), rest
             while not d.eof:
                 if got < limit:
