@@ -25,7 +25,7 @@ from mrigen.train.config import TrainConfig
 from mrigen.train.hooks import Hook, StopTraining, TrainContext
 from mrigen.train.images import make_grid
 from mrigen.train.prior import train_prior
-from mrigen.train.state import CheckpointError, load_checkpoint, save_checkpoint
+from mrigen.train.state import CheckpointError, CheckpointWriter, load_checkpoint
 
 __all__ = ["train", "TrainResult", "epoch_seed"]
 
@@ -224,69 +224,74 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     n_batches = len(train_x) // train_cfg.batch_size                  # drop_last: BatchNorm needs full batches
     bar = tqdm(range(start_epoch, train_cfg.epochs), desc=f"train {model_cfg.family}", unit="epoch",
                disable=not progress, initial=start_epoch, total=train_cfg.epochs)
-    model.train()
-    last_ckpt = time.monotonic()
-    for epoch in bar:
-        torch.manual_seed(epoch_seed(train_cfg.seed, epoch))
-        gen = torch.Generator(device=device).manual_seed(epoch_seed(train_cfg.seed, epoch))
-        perm = torch.randperm(len(train_x), device=device, generator=gen)
-        kl_weight = _kl_weight(train_cfg, epoch)
-        sums = torch.zeros(3, device=device)
-        t0 = time.perf_counter()
-        for b in range(n_batches):
-            x = train_x[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]].float()
-            terms, _ = step(x, kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            optimizer.step()
-            sums += _term_vector(terms, model_cfg.family)
-        train_terms = (sums / n_batches).tolist()                     # the epoch's one host sync
-        seconds = time.perf_counter() - t0
-        key = "kl" if model_cfg.family == "vae" else "vq"
-        metrics = {"train_loss": train_terms[0], "train_recon": train_terms[1], f"train_{key}": train_terms[2],
-                   "kl_weight": kl_weight, "epoch_seconds": seconds,
-                   "img_per_s": n_batches * train_cfg.batch_size / seconds}
-        metrics.update(_validate(step, val_x, epoch))
-        history.append({"epoch": epoch, **metrics})
-        result.epochs_run = epoch + 1
-        bar.set_postfix(loss=f"{metrics['train_loss']:.1f}", val_ssim=f"{metrics.get('val_ssim', 0):.3f}")
-        try:
-            for h in hooks:
-                h.on_epoch_end(ctx, epoch, metrics)
-        except StopTraining as stop:
-            result.stopped_early, result.stop_reason = True, str(stop)
-        last = result.stopped_early or epoch + 1 == train_cfg.epochs
-        if ckpt is not None and (last or time.monotonic() - last_ckpt >= train_cfg.checkpoint_every_s):
-            last_ckpt = time.monotonic()
-            save_checkpoint(ckpt, model=model, optimizer=optimizer, meta={
-                "epoch": epoch, "history": history, "model_cfg": json_round(asdict(model_cfg)),
-                "train_cfg": json_round(asdict(train_cfg)), "data_digest": store.digest})
-        if result.stopped_early:
-            break
-        if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
-            grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae")
-            for h in hooks:
-                h.on_images(ctx, epoch, grids)
-    bar.close()
+    writer = CheckpointWriter()  # writes in the background; training goes on
+    try:
+        model.train()
+        last_ckpt = time.monotonic()
+        for epoch in bar:
+            torch.manual_seed(epoch_seed(train_cfg.seed, epoch))
+            gen = torch.Generator(device=device).manual_seed(epoch_seed(train_cfg.seed, epoch))
+            perm = torch.randperm(len(train_x), device=device, generator=gen)
+            kl_weight = _kl_weight(train_cfg, epoch)
+            sums = torch.zeros(3, device=device)
+            t0 = time.perf_counter()
+            for b in range(n_batches):
+                x = train_x[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]].float()
+                terms, _ = step(x, kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                optimizer.step()
+                sums += _term_vector(terms, model_cfg.family)
+            train_terms = (sums / n_batches).tolist()                     # the epoch's one host sync
+            seconds = time.perf_counter() - t0
+            key = "kl" if model_cfg.family == "vae" else "vq"
+            metrics = {"train_loss": train_terms[0], "train_recon": train_terms[1], f"train_{key}": train_terms[2],
+                       "kl_weight": kl_weight, "epoch_seconds": seconds,
+                       "img_per_s": n_batches * train_cfg.batch_size / seconds}
+            metrics.update(_validate(step, val_x, epoch))
+            history.append({"epoch": epoch, **metrics})
+            result.epochs_run = epoch + 1
+            bar.set_postfix(loss=f"{metrics['train_loss']:.1f}", val_ssim=f"{metrics.get('val_ssim', 0):.3f}")
+            try:
+                for h in hooks:
+                    h.on_epoch_end(ctx, epoch, metrics)
+            except StopTraining as stop:
+                result.stopped_early, result.stop_reason = True, str(stop)
+            last = result.stopped_early or epoch + 1 == train_cfg.epochs
+            if ckpt is not None and (last or time.monotonic() - last_ckpt >= train_cfg.checkpoint_every_s):
+                last_ckpt = time.monotonic()
+                writer.submit(ckpt, model=model, optimizer=optimizer, meta={
+                    "epoch": epoch, "history": history, "model_cfg": json_round(asdict(model_cfg)),
+                    "train_cfg": json_round(asdict(train_cfg)), "data_digest": store.digest})
+            if result.stopped_early:
+                break
+            if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
+                grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae")
+                for h in hooks:
+                    h.on_images(ctx, epoch, grids)
+        bar.close()
 
-    if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_epochs > 0:
-        prior_history = train_prior(model, train_x, train_cfg, progress=progress)
-        result.extra["prior_loss"] = prior_history
-    model.eval()
-    can_sample = model_cfg.family == "vae" or bool(getattr(model, "prior_trained", False))
-    if train_cfg.final_eval and not result.stopped_early:
-        from mrigen.metrics import evaluate
+        if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_epochs > 0:
+            prior_history = train_prior(model, train_x, train_cfg, progress=progress)
+            result.extra["prior_loss"] = prior_history
+        model.eval()
+        can_sample = model_cfg.family == "vae" or bool(getattr(model, "prior_trained", False))
+        if train_cfg.final_eval and not result.stopped_early:
+            from mrigen.metrics import evaluate
 
-        n = train_cfg.eval_samples or None
-        result.val_metrics = evaluate(model, store, "val", n_samples=n, seed=train_cfg.seed, device=device)
-    elif history:
-        result.val_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
-    if out_dir is not None:
-        result.model_dir = Path(out_dir) / "model"
-        save_model(model, result.model_dir)
-    grids = _grids(model, val_x, train_cfg, can_sample=can_sample)
-    for h in hooks:
-        h.on_images(ctx, result.epochs_run - 1, grids)
-    for h in hooks:
-        h.on_end(ctx, result)
+            n = train_cfg.eval_samples or None
+            result.val_metrics = evaluate(model, store, "val", n_samples=n, seed=train_cfg.seed, device=device)
+        elif history:
+            result.val_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
+        if out_dir is not None:
+            result.model_dir = Path(out_dir) / "model"
+            save_model(model, result.model_dir)
+        grids = _grids(model, val_x, train_cfg, can_sample=can_sample)
+        for h in hooks:
+            h.on_images(ctx, result.epochs_run - 1, grids)
+        writer.wait()                                                     # the last checkpoint is on disk
+        for h in hooks:
+            h.on_end(ctx, result)
+    finally:
+        writer.wait()  # also when training failed: no checkpoint write outlives train()
     return result

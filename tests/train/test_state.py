@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from mrigen.train.state import load_checkpoint, save_checkpoint
+import mrigen.train.state as state_mod
+from mrigen.train.state import CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint
 
 
 def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
@@ -62,3 +64,48 @@ def test_resumed_optimizer_state_has_the_strides_of_channels_last_params(tmp_pat
             state = opt2.state[p][name]
             assert state.stride() == p.stride()
             assert torch.equal(state, opt.state[dict(zip(model2.parameters(), model.parameters()))[p]][name])
+
+
+def _trained_linear() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_background_writer_saves_the_state_as_it_was_at_submit(tmp_path):
+    model, opt = _trained_linear()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = {"epoch": 0, "history": [{"loss": 1.0}]}
+    writer = CheckpointWriter()
+    writer.submit(tmp_path / "c", model=model, optimizer=opt, meta=meta)
+    with torch.no_grad():  # training goes on while the write runs: the checkpoint must not see it
+        for p in model.parameters():
+            p.add_(1.0)
+    meta["history"].append({"loss": 0.5})
+    writer.wait()
+    model2, opt2 = _trained_linear()
+    assert load_checkpoint(tmp_path / "c", model=model2, optimizer=opt2) == {"epoch": 0, "history": [{"loss": 1.0}]}
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, before[k])
+    writer.submit(tmp_path / "c", model=model, optimizer=opt, meta={"epoch": 1})  # the next one replaces it
+    writer.wait()
+    assert load_checkpoint(tmp_path / "c", model=model2, optimizer=opt2) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_background_write_failure_is_raised_by_wait(tmp_path, monkeypatch):
+    model, opt = _trained_linear()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_mod, "save_file", full_disk)
+    writer = CheckpointWriter()
+    writer.submit(tmp_path / "c", model=model, optimizer=opt, meta={})
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        writer.wait()
+    writer.wait()  # reported once
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []

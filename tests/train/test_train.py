@@ -60,6 +60,25 @@ def test_resume_continues_the_same_loss_curve(demo_store, tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
 
+def test_a_crash_mid_run_leaves_the_last_checkpoint_whole_and_resumable(demo_store, tmp_path):
+    """Checkpoints are written in the background; a failure in training waits for the write, then propagates."""
+    class Crash(Hook):
+        def on_epoch_end(self, ctx, epoch, metrics):
+            if epoch == 1:
+                raise RuntimeError("power cut")
+
+    model_cfg, train_cfg = configs(epochs=3, checkpoint_every_s=0)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, hooks=[Crash()], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary directory left behind
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["state.json", "state.safetensors"]
+    resumed = train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, resume=True, progress=False)
+    straight = train(model_cfg, train_cfg, demo_store, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    for a, b in zip(straight.history, resumed.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
 def test_resume_with_another_config_is_refused(demo_store, tmp_path):
     model_cfg, train_cfg = configs(epochs=1)
     train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, progress=False)
