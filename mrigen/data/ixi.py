@@ -8,12 +8,15 @@ release, some IDs appear twice with consistent or conflicting values, and 0 mean
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from python_calamine import CalamineError
 
 __all__ = [
     "SITES",
@@ -119,6 +122,31 @@ def _clean(value: object) -> float | None:
     return None if (math.isnan(x) or x == 0) else x
 
 
+def _excel_table(path: str) -> pd.DataFrame:
+    """Child process: parse a workbook with calamine; every failure comes back as a ValueError.
+
+    The child's stderr goes to /dev/null: a Rust panic prints its own multi-line report there, and the panic's
+    message comes back in the ValueError anyway."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        return pd.read_excel(path, engine="calamine")  # IXI.xls (Excel 97, BIFF8) and .xlsx alike
+    except BaseException as exc:  # noqa: BLE001 -- incl. pyo3's PanicException (a BaseException) from Rust code
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _read_excel_isolated(path: Path) -> pd.DataFrame:
+    """Parse a workbook in a child process: a damaged file can make the Rust reader panic or abort the process
+    (e.g. a huge allocation), and that must become a clear error, not the end of the ingest."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context(method)) as pool:
+        try:
+            return pool.submit(_excel_table, str(path)).result()
+        except BrokenProcessPool as exc:
+            raise ValueError("the Excel reader process died on it: a damaged workbook") from exc
+
+
 def read_demographics(path: Path) -> Demographics:
     """Read IXI.xls or a CSV with IXI's columns and reconcile duplicate IDs.
 
@@ -131,10 +159,10 @@ def read_demographics(path: Path) -> Demographics:
     """
     try:
         if path.suffix.lower() in (".xls", ".xlsx"):
-            table = pd.read_excel(path, engine="calamine")  # reads IXI.xls (BIFF8) and .xlsx alike
+            table = _read_excel_isolated(path)
         else:
             table = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError, CalamineError) as exc:
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise ValueError(f"demographics {path}: cannot read ({exc})") from exc
     table.columns = [str(c).strip().upper() for c in table.columns]
     if "IXI_ID" not in table.columns:

@@ -224,7 +224,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     n_batches = len(train_x) // train_cfg.batch_size                  # drop_last: BatchNorm needs full batches
     bar = tqdm(range(start_epoch, train_cfg.epochs), desc=f"train {model_cfg.family}", unit="epoch",
                disable=not progress, initial=start_epoch, total=train_cfg.epochs)
-    writer = CheckpointWriter()  # writes in the background; training goes on
+    writer = CheckpointWriter()  # writes in the background; training goes on; no write outlives train()
     try:
         model.train()
         last_ckpt = time.monotonic()
@@ -292,6 +292,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
         writer.wait()                                                     # the last checkpoint is on disk
         for h in hooks:
             h.on_end(ctx, result)
-    finally:
-        writer.wait()  # also when training failed: no checkpoint write outlives train()
+    except BaseException as exc:  # training failed (or Ctrl-C): let a pending write finish, keep *this* error
+        try:
+            writer.wait()
+        except CheckpointError as ckpt_exc:
+            exc.add_note(f"(also: {ckpt_exc})")
+        raise
     return result

@@ -97,9 +97,10 @@ class CheckpointWriter:
         """Snapshot `model` + `optimizer` + `meta` now and write them to `directory` in the background."""
         self.wait()
         tensors, text = _snapshot(model, optimizer, meta, copy=True)
-        self._thread = threading.Thread(target=self._run, args=(Path(directory), tensors, text),
-                                        name="mrigen-checkpoint")  # not a daemon: exit waits for the rename
-        self._thread.start()
+        thread = threading.Thread(target=self._run, args=(Path(directory), tensors, text),
+                                  name="mrigen-checkpoint")  # not a daemon: exit waits for the rename
+        thread.start()
+        self._thread = thread  # only once started: wait() may run from an interrupt at any point
 
     def _run(self, directory: Path, tensors: dict[str, torch.Tensor], text: str) -> None:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -132,6 +134,27 @@ def test_demographics_from_an_ixi_xls_workbook(tmp_path):
     (tmp_path / "bad" / "IXI.xls").write_bytes(b"\xd0\xcf\x11\xe0 not a workbook")
     with pytest.raises(ValueError, match=r"demographics .*IXI.xls: cannot read"):
         read_demographics(tmp_path / "bad" / "IXI.xls")
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.75, 0.9])
+def test_a_truncated_workbook_is_a_clear_error(tmp_path, keep):
+    """Truncations make calamine report an error or panic in its Rust code (0.75 panics with calamine 0.37)."""
+    _write_xls(tmp_path / "full.xls", [(2, 2, 164, 58, 1, 4, 1, 5, datetime.date(1970, 1, 30), 1,
+                                        datetime.date(2005, 11, 18), 35.8)])
+    raw = (tmp_path / "full.xls").read_bytes()
+    (tmp_path / "IXI.xls").write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(ValueError, match=r"demographics .*IXI.xls: cannot read \(") as err:
+        read_demographics(tmp_path / "IXI.xls")
+    assert "\n" not in str(err.value)
+
+
+def test_a_reader_that_kills_its_process_is_a_clear_error(tmp_path, monkeypatch):
+    """A damaged workbook made calamine abort its process (a 450 GB allocation): the parse runs in a child. The
+    child is killed here (SIGKILL, as the OOM killer would) to stand in for that file."""
+    _write_xls(tmp_path / "IXI.xls", [(2, 2, 164, 58, 1, 4, 1, 5, None, 1, None, 35.8)])
+    monkeypatch.setattr(pd, "read_excel", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))  # forked
+    with pytest.raises(ValueError, match="IXI.xls: cannot read .*process died"):
+        read_demographics(tmp_path / "IXI.xls")
 
 
 def test_config_defaults_and_round_trip():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -75,21 +77,33 @@ def _trained_linear() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def test_background_writer_saves_the_state_as_it_was_at_submit(tmp_path):
+def test_background_writer_saves_the_state_as_it_was_at_submit(tmp_path, monkeypatch):
     model, opt = _trained_linear()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     meta = {"epoch": 0, "history": [{"loss": 1.0}]}
+    release = threading.Event()
+    real_save = state_mod.save_file
+
+    def held_save(*args, **kwargs):  # the write starts only once training has moved on
+        assert release.wait(30)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(state_mod, "save_file", held_save)
     writer = CheckpointWriter()
     writer.submit(tmp_path / "c", model=model, optimizer=opt, meta=meta)
     with torch.no_grad():  # training goes on while the write runs: the checkpoint must not see it
         for p in model.parameters():
             p.add_(1.0)
+    opt.state[next(model.parameters())]["exp_avg"].add_(1.0)
     meta["history"].append({"loss": 0.5})
+    release.set()
     writer.wait()
     model2, opt2 = _trained_linear()
     assert load_checkpoint(tmp_path / "c", model=model2, optimizer=opt2) == {"epoch": 0, "history": [{"loss": 1.0}]}
     for k, v in model2.state_dict().items():
         assert torch.equal(v, before[k])
+    p2 = next(model2.parameters())
+    assert torch.equal(opt2.state[p2]["exp_avg"] + 1.0, opt.state[next(model.parameters())]["exp_avg"])
     writer.submit(tmp_path / "c", model=model, optimizer=opt, meta={"epoch": 1})  # the next one replaces it
     writer.wait()
     assert load_checkpoint(tmp_path / "c", model=model2, optimizer=opt2) == {"epoch": 1}

@@ -79,6 +79,26 @@ def test_a_crash_mid_run_leaves_the_last_checkpoint_whole_and_resumable(demo_sto
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+def test_a_failed_background_write_does_not_hide_the_training_error(demo_store, tmp_path, monkeypatch):
+    import mrigen.train.state as state_mod
+
+    class Crash(Hook):
+        def on_epoch_end(self, ctx, epoch, metrics):
+            if epoch == 1:
+                raise RuntimeError("power cut")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_mod, "save_file", full_disk)
+    model_cfg, train_cfg = configs(epochs=3, checkpoint_every_s=0)
+    with pytest.raises(RuntimeError, match="power cut") as err:
+        train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, hooks=[Crash()], progress=False)
+    assert any("No space left on device" in note for note in err.value.__notes__)
+    with pytest.raises(CheckpointError, match="No space left on device"):  # without a crash, the write error itself
+        train(model_cfg, train_cfg, demo_store, out_dir=tmp_path / "b", progress=False)
+
+
 def test_resume_with_another_config_is_refused(demo_store, tmp_path):
     model_cfg, train_cfg = configs(epochs=1)
     train(model_cfg, train_cfg, demo_store, out_dir=tmp_path, progress=False)
