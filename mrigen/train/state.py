@@ -35,7 +35,7 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], copy: bool =
     With `copy`, every tensor is copied to the host even when it is there already (a snapshot that later
     training steps cannot change)."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().to("cpu", copy=copy).contiguous()
+        tensors[prefix] = obj.detach().to("cpu", copy=copy, memory_format=torch.contiguous_format)  # one copy at most
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         return {"__dict__": [[_split(k, f"{prefix}.k{i}", tensors, copy), _split(v, f"{prefix}.{i}", tensors, copy)]
