@@ -141,7 +141,7 @@ def main() -> None:
     blocks = 5 if args.family == "vae" else 3
     model_cfg, _ = build_configs(args.family, {"model": {"image_size": args.size, "blocks": blocks}})
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device=str(device), final_eval=False,
-                       prior_epochs=0, grid_every=0)
+                       prior_steps=0, grid_every=0)
     store = ResidentStore(args.n, args.size)
     bare = bare_loop(model_cfg, tcfg, store.tensor("train", device, torch.float16 if device.type == "cuda"
                                                    else torch.float32), args.epochs)

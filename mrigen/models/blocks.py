@@ -1,7 +1,8 @@
 """Encoder / decoder trunks shared by the VAE and the VQ-VAE (the thesis CNN family).
 
-Encoder: `blocks` x [Conv2d(k, stride 2) -> norm -> LeakyReLU], each halving H and W.
-Decoder: the mirror image with ConvTranspose2d, ending in a 1-channel transposed conv and a sigmoid.
+Encoder: `blocks` x [Conv2d(k, stride 2) -> norm -> LeakyReLU -> `res_blocks` x ResBlock], each halving H and W.
+Decoder: the mirror image (`res_blocks` x ResBlock -> ConvTranspose2d -> norm -> LeakyReLU), ending in a 1-channel
+transposed conv and a sigmoid. `res_blocks=0` is the thesis CNN.
 Padding is chosen so every kernel size in (3, 4, 5) halves / doubles exactly.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from mrigen.models.config import ModelConfig
 
-__all__ = ["Decoder", "Encoder", "check_images", "eval_mode", "make_norm"]
+__all__ = ["Decoder", "Encoder", "ResBlock", "check_images", "eval_mode", "make_norm"]
 
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, as in the thesis
 
@@ -36,6 +37,20 @@ def _padding(kernel_size: int) -> tuple[int, int]:
     return (kernel_size - 1) // 2, kernel_size % 2
 
 
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv3x3(act(norm(conv3x3(act(norm(x)))))); (B, C, h, w) -> same shape."""
+
+    def __init__(self, channels: int, norm: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            make_norm(norm, channels), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(channels, channels, 3, padding=1),
+            make_norm(norm, channels), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class Encoder(nn.Sequential):
     """x: (B, 1, H, W) -> features (B, C_last, H / 2**blocks, W / 2**blocks)."""
 
@@ -49,6 +64,7 @@ class Encoder(nn.Sequential):
                 make_norm(cfg.norm, c_out),
                 nn.LeakyReLU(LEAKY_SLOPE),
             ]
+            layers += [ResBlock(c_out, cfg.norm) for _ in range(cfg.res_blocks)]
             c_in = c_out
         super().__init__(*layers)
         self.out_channels = c_in
@@ -62,12 +78,20 @@ class Decoder(nn.Sequential):
         chans = cfg.scaled_channels[::-1]  # e.g. 1024, 256, 64, 32, 16
         layers: list[nn.Module] = []
         for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [ResBlock(c_in, cfg.norm) for _ in range(cfg.res_blocks)]
             layers += [
                 nn.ConvTranspose2d(c_in, c_out, cfg.kernel_size, 2, pad, output_padding=out_pad, bias=False),
                 make_norm(cfg.norm, c_out),
                 nn.LeakyReLU(LEAKY_SLOPE),
             ]
-        layers += [nn.ConvTranspose2d(chans[-1], 1, cfg.kernel_size, 2, pad, output_padding=out_pad), nn.Sigmoid()]
+        layers += [ResBlock(chans[-1], cfg.norm) for _ in range(cfg.res_blocks)]
+        if cfg.res_blocks:  # upsample at full width, then a 3x3 conv to one channel (fewer checkerboard artefacts)
+            c = chans[-1]
+            layers += [nn.ConvTranspose2d(c, c, cfg.kernel_size, 2, pad, output_padding=out_pad, bias=False),
+                       make_norm(cfg.norm, c), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(c, 1, 3, padding=1)]
+        else:  # the thesis: one transposed conv straight to the image
+            layers += [nn.ConvTranspose2d(chans[-1], 1, cfg.kernel_size, 2, pad, output_padding=out_pad)]
+        layers += [nn.Sigmoid()]
         super().__init__(*layers)
         self.in_channels = chans[0]
 

@@ -27,10 +27,12 @@ class ModelConfig:
     family: str = "vae"  # "vae" | "vqvae": which class `build_model` builds
     image_size: int = 128  # H = W of the input slices; a power of two >= 16 (64 / 128 / 256 in studies)
     blocks: int = 5  # encoder conv blocks, each halving H and W (decoder mirrors); grid = image_size / 2**blocks
+    grid: int = 0  # latent grid side h = w; > 0 sets blocks = log2(image_size / grid) (portable across sizes)
     channels: tuple[int, ...] = (16, 32, 64, 256, 1024, 1024)  # feature-map ladder; block i uses channels[i]
     width: float = 1.0  # multiplier on every entry of `channels` (rounded, at least 1)
     kernel_size: int = 4  # conv / transposed-conv kernel: 3, 4 or 5 (stride 2, padding keeps exact halving)
     norm: str = "batch"  # "batch" (BatchNorm2d, the thesis) | "group" (GroupNorm, batch-size independent)
+    res_blocks: int = 0  # residual blocks (norm-act-conv3x3 twice, plus skip) after each resolution change; 0 = thesis
     latent: str = "dense"  # "dense" vector (B, latent_dim) | "spatial" map (B, latent_dim, h, w); VQ-VAE: "spatial"
     latent_dim: int = 1024  # VAE only: dense latent size, or channels of the spatial latent map
     codebook_size: int = 512  # VQ-VAE: number of codes K
@@ -40,10 +42,19 @@ class ModelConfig:
     dead_code_threshold: float = 1.0  # VQ-VAE: EMA usage (vectors per batch) below which a code is restarted; 0 = never
     prior_channels: int = 128  # VQ-VAE code prior: transformer width (a multiple of 16; heads = width / 16)
     prior_layers: int = 4  # VQ-VAE code prior: transformer blocks
+    sample_temperature: float = 1.0  # VQ-VAE sampling: prior logits divided by this (< 1 sharper, > 1 more varied)
+    sample_top_k: int = 0  # VQ-VAE sampling: keep only the k most likely codes per position; 0 = all
 
     def __post_init__(self) -> None:
         if isinstance(self.channels, list):  # JSON / YAML give lists; keep the dataclass hashable
             object.__setattr__(self, "channels", tuple(self.channels))
+        _check_int("grid", self.grid, minimum=0)
+        _check_int("image_size", self.image_size, minimum=1)
+        if self.grid:
+            if self.grid & (self.grid - 1) or self.grid >= self.image_size:
+                raise ValueError(f"grid={self.grid!r} must be a power of two below image_size={self.image_size} "
+                                 "(e.g. 8 or 16), or 0 to derive it from blocks")
+            object.__setattr__(self, "blocks", (self.image_size // self.grid).bit_length() - 1)
         _check_choice("family", self.family, FAMILIES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("latent", self.latent, LATENTS)
@@ -71,6 +82,9 @@ class ModelConfig:
         _check_number("commitment", self.commitment, low=0.0)
         _check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True)
         _check_number("dead_code_threshold", self.dead_code_threshold, low=0.0)
+        _check_int("res_blocks", self.res_blocks, minimum=0)
+        _check_int("sample_top_k", self.sample_top_k, minimum=0)
+        _check_number("sample_temperature", self.sample_temperature, low=0.0, low_open=True)
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size={self.codebook_size} must be >= 2")
         if self.prior_channels % 16:

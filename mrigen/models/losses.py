@@ -4,6 +4,12 @@ VAE: negative ELBO = reconstruction (MSE or L1 summed over pixels, + optional SS
 annealing factor and optional free bits per latent dimension. Summing per image keeps the reconstruction term on
 the same scale as the KL (the thesis's 1000 x mean-MSE + summed KL starved the reconstruction and blurred it).
 VQ-VAE: the same reconstruction term plus the quantizer's commitment loss.
+
+Decoder calibration (sigma-VAE, Rybkin et al. 2021): the pixel term is the negative log-likelihood of a Gaussian
+(MSE) or Laplace (L1) decoder. `sigma="fixed"` keeps the plain sum of squared errors (sigma^2 = 1/2), which
+silently weights the KL against an arbitrary variance and blurs; `"optimal"` sets sigma to its maximum-likelihood
+value, the batch's RMS error (mean absolute error for L1); `"learned"` uses the model's `log_sigma` parameter.
+Both keep the KL weight at 1 and remove most VAE blur without tuning beta.
 All losses are computed in fp32, also when the model ran under bf16 autocast.
 """
 
@@ -17,9 +23,12 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from mrigen.models.vae import VAEOutput
 from mrigen.models.vqvae import VQOutput
 
-__all__ = ["RECON_LOSSES", "LossTerms", "active_units", "kl_per_dim", "recon_loss", "vae_loss", "vq_vae_loss"]
+__all__ = ["RECON_LOSSES", "SIGMAS", "LossTerms", "active_units", "kl_per_dim", "recon_loss", "recon_nll", "vae_loss",
+           "vq_vae_loss"]
 
 RECON_LOSSES = ("mse", "l1")
+SIGMAS = ("fixed", "optimal", "learned")
+MIN_LOG_SIGMA = -6.0  # soft lower bound on log sigma (Rybkin et al.'s softclip): the NLL stays finite at MSE 0
 
 
 class LossTerms(NamedTuple):
@@ -31,6 +40,9 @@ class LossTerms(NamedTuple):
         kl: KL(q(z|x) || N(0, I)) summed over latent dims, batch mean, before free bits and weights (0 for VQ).
         kl_per_dim: (D,) KL of each latent dim (spatial latents flattened to C*h*w), batch mean; empty for VQ.
         vq: commitment loss from the quantizer (0 for the VAE).
+        pixel_weight: the weight the pixel term puts on each squared (L1: absolute) error, detached: 1 for
+            sigma="fixed", 1 / (2 sigma^2) (L1: 1 / sigma) otherwise. Other per-pixel terms (adversarial) are
+            scaled by it so their weight means the same whatever the calibration.
     """
 
     total: torch.Tensor
@@ -38,34 +50,62 @@ class LossTerms(NamedTuple):
     kl: torch.Tensor
     kl_per_dim: torch.Tensor
     vq: torch.Tensor
+    pixel_weight: torch.Tensor
 
 
 def recon_loss(recon: torch.Tensor, x: torch.Tensor, kind: str = "mse", ssim_weight: float = 0.0) -> torch.Tensor:
-    """Reconstruction term: sum over pixels of (recon - x)^2 or |recon - x|, plus
-    ssim_weight * H * W * (1 - SSIM) per image, then the batch mean.
+    """Reconstruction term with a fixed decoder scale: sum over pixels of (recon - x)^2 or |recon - x|, plus
+    ssim_weight * H * W * (1 - SSIM) per image, then the batch mean (a scalar fp32 tensor). See `recon_nll`."""
+    return recon_nll(recon, x, kind, ssim_weight=ssim_weight)[0]
+
+
+def recon_nll(recon: torch.Tensor, x: torch.Tensor, kind: str = "mse", *, sigma: str = "fixed",
+              log_sigma: torch.Tensor | None = None, ssim_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image negative log-likelihood of x under the decoder (up to constants), batch mean.
+
+    fixed: sum of (recon - x)^2 (or |recon - x|). optimal / learned: sum of err / (2 sigma^2) + log sigma (L1:
+    err / sigma + log sigma), with sigma the batch's RMS (mean absolute) error, or exp(log_sigma), softly bounded
+    below by exp(-6). The optional SSIM term ssim_weight * H * W * (1 - SSIM) is scaled like one pixel error.
 
     Args:
         recon: (B, 1, H, W) in [0, 1].
         x: (B, 1, H, W) in [0, 1], the same shape.
-        kind: "mse" or "l1".
-        ssim_weight: >= 0; 0 skips SSIM. SSIM is torchmetrics' (Gaussian 11x11 window, data range 1).
+        kind: "mse" (Gaussian) or "l1" (Laplace).
+        sigma: "fixed", "optimal" or "learned".
+        log_sigma: scalar tensor, required for sigma="learned" (the model's `log_sigma`).
+        ssim_weight: >= 0; 0 skips SSIM (torchmetrics' Gaussian 11x11 window, data range 1).
 
     Returns:
-        A scalar fp32 tensor.
+        (nll, pixel_weight): scalar fp32 tensors; pixel_weight is detached (see `LossTerms.pixel_weight`).
     """
     if kind not in RECON_LOSSES:
         raise ValueError(f"recon={kind!r} is not valid; allowed: {', '.join(map(repr, RECON_LOSSES))}")
+    if sigma not in SIGMAS:
+        raise ValueError(f"sigma={sigma!r} is not valid; allowed: {', '.join(map(repr, SIGMAS))}")
+    if sigma == "learned" and log_sigma is None:
+        raise ValueError("sigma='learned' needs the model's log_sigma parameter")
     if ssim_weight < 0:
         raise ValueError(f"ssim_weight={ssim_weight!r} must be >= 0")
     if recon.shape != x.shape or recon.dim() != 4:
         raise ValueError(f"recon {tuple(recon.shape)} and x {tuple(x.shape)} must both be (B, 1, H, W)")
     recon, x = recon.float(), x.float()
     diff = recon - x
-    per_image = (diff.square() if kind == "mse" else diff.abs()).sum(dim=(1, 2, 3))  # (B,)
+    err = diff.square() if kind == "mse" else diff.abs()  # (B, 1, H, W)
+    if sigma == "fixed":
+        weight, log_s = torch.ones((), device=x.device), torch.zeros((), device=x.device)
+    else:
+        if sigma == "optimal":  # maximum-likelihood scale of the batch, no gradient (its derivative is 0 there)
+            m = err.mean().detach().clamp_min(1e-12)
+            raw = 0.5 * torch.log(m) if kind == "mse" else torch.log(m)
+        else:
+            raw = log_sigma.float()
+        log_s = MIN_LOG_SIGMA + torch.nn.functional.softplus(raw - MIN_LOG_SIGMA)
+        weight = 0.5 * torch.exp(-2.0 * log_s) if kind == "mse" else torch.exp(-log_s)
+    per_image = (err * weight).sum(dim=(1, 2, 3)) + x[0].numel() * log_s  # (B,)
     if ssim_weight > 0:
         ssim = structural_similarity_index_measure(recon, x, data_range=1.0, reduction="none")  # (B,)
-        per_image = per_image + ssim_weight * x[0].numel() * (1.0 - ssim)
-    return per_image.mean()
+        per_image = per_image + ssim_weight * weight * x[0].numel() * (1.0 - ssim)
+    return per_image.mean(), weight.detach()
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -83,6 +123,8 @@ def vae_loss(
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
     ssim_weight: float = 0.0,
+    sigma: str = "fixed",
+    log_sigma: torch.Tensor | None = None,
 ) -> LossTerms:
     """Negative ELBO of a VAE batch.
 
@@ -97,6 +139,8 @@ def vae_loss(
         kl_weight: annealing factor in [0, 1] (KL warm-up), multiplies beta.
         free_bits: nats per latent dim, >= 0.
         ssim_weight: weight of the SSIM term, >= 0.
+        sigma: decoder calibration, "fixed" | "optimal" | "learned" (see `recon_nll`).
+        log_sigma: the model's learned log sigma (sigma="learned").
     """
     if beta < 0:
         raise ValueError(f"beta={beta!r} must be >= 0")
@@ -104,12 +148,12 @@ def vae_loss(
         raise ValueError(f"kl_weight={kl_weight!r} must be in [0, 1]")
     if free_bits < 0:
         raise ValueError(f"free_bits={free_bits!r} must be >= 0")
-    rec = recon_loss(out.recon, x, recon, ssim_weight)
+    rec, weight = recon_nll(out.recon, x, recon, sigma=sigma, log_sigma=log_sigma, ssim_weight=ssim_weight)
     per_dim = kl_per_dim(out.mu, out.logvar)
     kl = per_dim.sum()
     kl_term = per_dim.clamp_min(free_bits).sum() if free_bits > 0 else kl
     total = rec + beta * kl_weight * kl_term
-    return LossTerms(total, rec, kl, per_dim.detach(), torch.zeros((), device=rec.device))
+    return LossTerms(total, rec, kl, per_dim.detach(), torch.zeros((), device=rec.device), weight)
 
 
 def vq_vae_loss(out: VQOutput, x: torch.Tensor, *, recon: str = "mse", ssim_weight: float = 0.0) -> LossTerms:
@@ -121,10 +165,10 @@ def vq_vae_loss(out: VQOutput, x: torch.Tensor, *, recon: str = "mse", ssim_weig
         recon: "mse" or "l1".
         ssim_weight: weight of the SSIM term, >= 0.
     """
-    rec = recon_loss(out.recon, x, recon, ssim_weight)
+    rec, weight = recon_nll(out.recon, x, recon, ssim_weight=ssim_weight)
     vq = out.vq_loss.float()
     zero = torch.zeros((), device=rec.device)
-    return LossTerms(rec + vq, rec, zero, torch.zeros(0, device=rec.device), vq)
+    return LossTerms(rec + vq, rec, zero, torch.zeros(0, device=rec.device), vq, weight)
 
 
 def active_units(mu_all: torch.Tensor, threshold: float = 0.01) -> int:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CodePrior"]
+__all__ = ["CodePrior", "gumbel_noise"]
 
 HEAD_DIM = 16  # channels per attention head: heads = channels / 16
 
@@ -105,19 +105,26 @@ class CodePrior(nn.Module):
         return [None] * len(self.blocks)  # type: ignore[list-item]
 
     @torch.no_grad()
-    def sample(self, n: int, h: int, w: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, h: int, w: int, generator: torch.Generator | None = None, *,
+               temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
         """Draw n code grids, one position at a time (Gumbel-max sampling, key/value cache).
 
         Args:
             n: number of grids (>= 1).
             h, w: grid size (h * w <= max_positions; the VQ-VAE passes its own grid).
             generator: optional RNG on any device (noise is drawn on its device, then moved to the model's).
+            temperature: logits are divided by it (> 0; 1 = the model's distribution).
+            top_k: keep only the k most likely codes at each position (0 = all).
 
         Returns:
             (n, h, w) int64 indices in [0, K) on the prior's device.
         """
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        if top_k < 0:
+            raise ValueError(f"top_k={top_k!r} must be >= 0 (0 = all codes)")
         self._check_grid(h, w)
         device = self.pos.device
         noise_device = generator.device if generator is not None else device
@@ -125,9 +132,18 @@ class CodePrior(nn.Module):
         cache = self.empty_cache()
         out = torch.empty(n, h * w, dtype=torch.long, device=device)
         for t in range(h * w):
-            logits = self.step(token, t, cache).float()  # (n, K)
+            logits = self.step(token, t, cache).float() / temperature  # (n, K)
+            if 0 < top_k < self.num_codes:
+                kth = logits.topk(top_k, dim=1).values[:, -1:]  # (n, 1): the k-th largest logit
+                logits = logits.masked_fill(logits < kth, float("-inf"))
             u = torch.rand(logits.shape, generator=generator, device=noise_device).to(device)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
-            out[:, t] = (logits + gumbel).argmax(dim=1)
+            out[:, t] = (logits + gumbel_noise(u)).argmax(dim=1)
             token = out[:, t : t + 1]
         return out.view(n, h, w)
+
+
+def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u) from uniforms u in [0, 1), finite everywhere (u is clamped away from 0
+    and 1 so neither logarithm sees 0)."""
+    u = u.clamp(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))

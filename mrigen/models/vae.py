@@ -1,8 +1,16 @@
-"""Variational autoencoder: the thesis CNN (dense 1024-d latent by default) or a spatial latent map."""
+"""Variational autoencoder: the thesis CNN (dense 1024-d latent by default) or a spatial latent map.
+
+BatchNorm and the mean path: in training the decoder's BatchNorm layers see features of sampled z, whose
+variance is var(mu) + E[sigma^2]; `reconstruct` decodes the mean, whose features vary less, so the running
+statistics would wash the reconstruction out. `calibrate_reconstruction(images)` measures the decoder's BatchNorm
+statistics on the mean path into a second set of buffers that `reconstruct` uses (sampling keeps the training
+statistics: z ~ N(0, I) has the variance of a sampled z). GroupNorm decoders need none of this.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -54,6 +62,58 @@ class VAE(nn.Module):
             self.to_posterior = nn.Conv2d(c, 2 * d, kernel_size=1)
             self.from_latent = nn.Sequential(nn.Conv2d(d, c, kernel_size=1), nn.LeakyReLU(LEAKY_SLOPE))
             self.latent_shape = (d, g, g)
+        # learned decoder scale of the sigma-VAE (train.sigma="learned"): log of the per-pixel std / Laplace scale
+        self.log_sigma = nn.Parameter(torch.zeros(()))
+        bns = self._decoder_batchnorms()
+        # mean-path statistics of each decoder BatchNorm (see the module docstring); empty for GroupNorm decoders
+        self.mean_path_norms = nn.ModuleList(nn.BatchNorm2d(bn.num_features, affine=False) for bn in bns)
+        self.register_buffer("mean_path_calibrated", torch.tensor(False))
+
+    def _decoder_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [m for m in (*self.from_latent.modules(), *self.decoder.modules()) if isinstance(m, nn.BatchNorm2d)]
+
+    @contextlib.contextmanager
+    def _mean_path_statistics(self) -> Iterator[None]:
+        """Swap the decoder BatchNorms' running statistics for the mean-path ones while the block runs."""
+        if not bool(self.mean_path_calibrated):
+            yield
+            return
+        bns = self._decoder_batchnorms()
+        saved = [(bn.running_mean, bn.running_var) for bn in bns]
+        try:
+            for bn, stats in zip(bns, self.mean_path_norms):
+                bn.running_mean, bn.running_var = stats.running_mean, stats.running_var
+            yield
+        finally:
+            for bn, (mean, var) in zip(bns, saved):
+                bn.running_mean, bn.running_var = mean, var
+
+    @torch.no_grad()
+    def calibrate_reconstruction(self, images: torch.Tensor, batch_size: int = 256) -> None:
+        """Measure the decoder's BatchNorm statistics on the mean path (z = mu) over `images` (N, 1, H, W) in
+        [0, 1] (training slices), for `reconstruct` to use. A no-op for decoders without BatchNorm."""
+        if not len(self.mean_path_norms):
+            return
+        was_training = self.training
+        for stats in self.mean_path_norms:
+            stats.reset_running_stats()
+            stats.momentum = None  # cumulative average over the batches
+        bns = self._decoder_batchnorms()
+        saved = [(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum) for bn in bns]
+        try:
+            self.eval()
+            for bn, stats in zip(bns, self.mean_path_norms):
+                bn.running_mean, bn.running_var = stats.running_mean, stats.running_var
+                bn.num_batches_tracked, bn.momentum = stats.num_batches_tracked, None
+                bn.train()  # normalise with batch statistics and accumulate them into the mean-path buffers
+            for start in range(0, len(images), batch_size):
+                x = images[start:start + batch_size].float()
+                self.decode(self.encode(x)[0])
+        finally:
+            for bn, (mean, var, count, momentum) in zip(bns, saved):
+                bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum = mean, var, count, momentum
+            self.train(was_training)
+        self.mean_path_calibrated.fill_(True)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, 1, H, W) in [0, 1] -> (mu, logvar), each (B, D) or (B, C, h, w)."""
@@ -79,7 +139,7 @@ class VAE(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction from the posterior mean, in eval mode, no grad: (B,1,H,W) -> (B,1,H,W)."""
-        with eval_mode(self):
+        with eval_mode(self), self._mean_path_statistics():
             return self.decode(self.encode(x)[0])
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

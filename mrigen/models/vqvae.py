@@ -195,4 +195,6 @@ class VQVAE(nn.Module):
             )
         g = self.config.grid_size
         with eval_mode(self):
-            return self.decode_indices(self.prior.sample(n, g, g, generator=generator))
+            codes = self.prior.sample(n, g, g, generator=generator, temperature=self.config.sample_temperature,
+                                      top_k=self.config.sample_top_k)
+            return self.decode_indices(codes)

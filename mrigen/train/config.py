@@ -10,6 +10,9 @@ __all__ = ["TrainConfig"]
 
 _RECON = ("mse", "l1")
 _AMP = ("auto", "bf16", "off")
+_SIGMA = ("fixed", "optimal", "learned")
+_ADV = ("hinge", "lsgan")
+_AUGMENT = ("none", "flip", "flip_shift")
 
 
 @dataclass(frozen=True)
@@ -29,14 +32,24 @@ class TrainConfig:
     beta: float = 1.0                # weight of the KL term (beta-VAE); 1 = the ELBO
     kl_warmup_epochs: int = 0        # KL weight rises linearly 0 -> 1 over this many epochs; 0 = full from start
     free_bits: float = 0.0           # nats per latent dimension not penalised (prevents posterior collapse)
-    prior_epochs: int = 10           # VQ-VAE only: epochs of the code prior after the autoencoder
-    prior_lr: float = 1e-3           # VQ-VAE only: prior learning rate
-    prior_batch_size: int = 128      # VQ-VAE only: code grids per prior step
+    sigma: str = "fixed"             # VAE decoder scale: "fixed" (plain sum of errors, the thesis), "optimal" (batch
+                                     # RMS error: sigma-VAE) or "learned" (the model's log_sigma)
+    adv_weight: float = 0.0          # patch-adversarial term weight (per pixel, like one pixel error); 0 = off
+    adv_loss: str = "hinge"          # adversarial loss: "hinge" or "lsgan" (least squares)
+    adv_start_epoch: int = 0         # epochs of plain autoencoder training before the discriminator joins (warm-up)
+    disc_lr: float = 2e-4            # discriminator learning rate (Adam, betas 0.5 / 0.9)
+    augment: str = "none"            # training-batch augmentation: "none", "flip" (left-right) or "flip_shift"
+                                     # (flip + up to 1/16 of the side of random translation)
+    early_stop_patience: int = 0     # stop after this many epochs without a better val_ssim and keep the best
+                                     # weights; 0 = train all epochs
+    prior_steps: int = 2000          # VQ-VAE only: optimiser steps of the code prior after the autoencoder
+    prior_lr: float = 1e-3           # VQ-VAE only: prior learning rate (cosine decay to 10% over prior_steps)
+    prior_batch_size: int = 64       # VQ-VAE only: code grids per prior step
     grid_every: int = 5              # epochs between image grids (real | reconstruction | samples); 0 = end only
     grid_n: int = 8                  # images per grid row
     eval_batch_size: int = 512       # images per forward pass in validation
     final_eval: bool = True          # run the full quality evaluation (FD, precision/recall...) at the end
-    eval_samples: int = 0            # samples for the final evaluation; 0 = the largest allowed (half the split)
+    eval_samples: int = 0            # samples for the final evaluation; 0 = the metrics' default (500)
     checkpoint_every_s: float = 300.0  # seconds between resumable checkpoints (with an output dir); one is always
                                      # written after the last epoch; 0 = after every epoch
 
@@ -45,18 +58,22 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 1")
-        non_negative = ("weight_decay", "ssim_weight", "beta", "kl_warmup_epochs", "free_bits", "prior_epochs",
-                        "grid_every", "eval_samples", "checkpoint_every_s")
+        non_negative = ("weight_decay", "ssim_weight", "beta", "kl_warmup_epochs", "free_bits", "prior_steps",
+                        "grid_every", "eval_samples", "checkpoint_every_s", "adv_weight", "adv_start_epoch",
+                        "early_stop_patience")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")
-        for name in ("lr", "prior_lr"):
+        for name in ("lr", "prior_lr", "disc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be > 0")
         if self.recon not in _RECON:
             raise ValueError(f"TrainConfig.recon={self.recon!r} is not one of {_RECON}")
         if self.amp not in _AMP:
             raise ValueError(f"TrainConfig.amp={self.amp!r} is not one of {_AMP}")
+        for name, allowed in (("sigma", _SIGMA), ("adv_loss", _ADV), ("augment", _AUGMENT)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from mrigen.device import pick_device
 from mrigen.models import ModelConfig, build_model, save_model
+from mrigen.models.adversarial import PatchDiscriminator, discriminator_loss, generator_loss
 from mrigen.models.losses import active_units, vae_loss, vq_vae_loss
 from mrigen.train.config import TrainConfig
 from mrigen.train.hooks import Hook, StopTraining, TrainContext
+from mrigen.train.augment import augment_batch
 from mrigen.train.images import make_grid
 from mrigen.train.prior import train_prior
 from mrigen.train.state import CheckpointError, CheckpointWriter, load_checkpoint
@@ -61,16 +63,20 @@ def _float_output(out: Any) -> Any:
 
 
 class _Step:
-    """Forward + loss for one batch, for either model family."""
+    """Forward + loss for one batch, for either model family, with the optional patch-adversarial term."""
 
-    def __init__(self, model: torch.nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device):
-        self.model, self.mcfg, self.tcfg = model, mcfg, tcfg
+    def __init__(self, model: torch.nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device,
+                 disc: torch.nn.Module | None = None):
+        self.model, self.mcfg, self.tcfg, self.disc = model, mcfg, tcfg, disc
         amp = tcfg.amp == "bf16" or (tcfg.amp == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         self.channels_last = tcfg.channels_last and device.type == "cuda"
 
-    def __call__(self, x: torch.Tensor, kl_weight: float):
-        """x: (B, 1, H, W) in [0, 1] -> (LossTerms, model output in fp32)."""
+    def __call__(self, x: torch.Tensor, kl_weight: float, adversarial: bool = False):
+        """x: (B, 1, H, W) in [0, 1] -> (LossTerms, model output in fp32, generator adversarial loss or None).
+
+        With `adversarial` (and a discriminator), terms.total includes adv_weight * H * W * pixel_weight * the
+        generator's adversarial loss: the term weighs like one pixel error, whatever the decoder calibration."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -78,17 +84,54 @@ class _Step:
         out = _float_output(out)
         t = self.tcfg
         if self.mcfg.family == "vae":
-            terms = vae_loss(out, x, recon=t.recon, beta=t.beta, kl_weight=kl_weight,
-                             free_bits=t.free_bits, ssim_weight=t.ssim_weight)
+            terms = vae_loss(out, x, recon=t.recon, beta=t.beta, kl_weight=kl_weight, free_bits=t.free_bits,
+                             ssim_weight=t.ssim_weight, sigma=t.sigma, log_sigma=self.model.log_sigma)
         else:
             terms = vq_vae_loss(out, x, recon=t.recon, ssim_weight=t.ssim_weight)
-        return terms, out
+        g_adv = None
+        if adversarial and self.disc is not None:
+            self.disc.requires_grad_(False)
+            with self.autocast():
+                g_adv = generator_loss(self.disc(out.recon), t.adv_loss)
+            self.disc.requires_grad_(True)
+            weight = t.adv_weight * x[0].numel() * terms.pixel_weight
+            terms = terms._replace(total=terms.total + weight * g_adv)
+        return terms, out, g_adv
+
+    def disc_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Discriminator loss on real slices x and detached reconstructions, both (B, 1, H, W)."""
+        with self.autocast():
+            return discriminator_loss(self.disc(x), self.disc(recon.detach()), self.tcfg.adv_loss)
 
 
 def _term_vector(terms, family: str) -> torch.Tensor:
     """(total, recon, kl-or-vq) as one detached device tensor, so epoch sums need no host sync."""
     extra = terms.kl if family == "vae" else terms.vq
     return torch.stack([terms.total.detach(), terms.recon.detach(), extra.detach()])
+
+
+class _BestWeights:
+    """Early stopping on held-out quality: keeps a device copy of the weights of the best val_ssim epoch.
+
+    Inactive (no copies) when patience is 0. `update` returns True once `patience` epochs have passed without a
+    better value; `restore` puts the best weights back (True if it did)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.value, self.epoch, self.state = patience, float("-inf"), -1, None
+
+    def update(self, model: torch.nn.Module, epoch: int, value: float) -> bool:
+        if not self.patience:
+            return False
+        if value > self.value:                                            # NaN never counts as better
+            self.value, self.epoch = value, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return epoch - self.epoch >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> bool:
+        if self.state is None:
+            return False
+        model.load_state_dict(self.state)
+        return True
 
 
 def _kl_weight(tcfg: TrainConfig, epoch: int) -> float:
@@ -106,7 +149,7 @@ def _validate(step: _Step, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
     mus, recons, perplexities = [], [], []
     for start in range(0, len(val_x), tcfg.eval_batch_size):
         x = val_x[start:start + tcfg.eval_batch_size].float()
-        terms, out = step(x, _kl_weight(tcfg, epoch))
+        terms, out, _ = step(x, _kl_weight(tcfg, epoch))
         v = _term_vector(terms, step.mcfg.family) * len(x)
         sums = v if sums is None else sums + v
         n += len(x)
@@ -190,9 +233,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
         torch.backends.cudnn.benchmark = True          # fixed shapes: let cuDNN pick the fastest kernels
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg).to(device)
-    step = _Step(model, model_cfg, train_cfg, device)
+    disc = PatchDiscriminator(model_cfg.image_size).to(device) if train_cfg.adv_weight > 0 else None
+    step = _Step(model, model_cfg, train_cfg, device, disc)
     if step.channels_last:
         model.to(memory_format=torch.channels_last)
+        if disc is not None:
+            disc.to(memory_format=torch.channels_last)
+    # what checkpoints hold: the model, or the model and its discriminator
+    trainable = model if disc is None else torch.nn.ModuleDict({"model": model, "disc": disc})
     resident = torch.float16 if device.type == "cuda" else torch.float32
     train_x = store.tensor("train", device, dtype=resident)         # (N, 1, H, W)
     val_x = store.tensor("val", device, dtype=resident)
@@ -203,13 +251,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
         raise ValueError(f"the store {store.path} has no validation slices")
     opt_cls = torch.optim.AdamW if train_cfg.weight_decay > 0 else torch.optim.Adam
     kwargs = {"fused": True} if device.type == "cuda" else {}
-    optimizer = opt_cls(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, **kwargs)
+    groups = [{"params": list(model.parameters())}]
+    if disc is not None:  # one optimiser, two groups: each step updates only the parameters that have gradients
+        groups.append({"params": list(disc.parameters()), "lr": train_cfg.disc_lr, "betas": (0.5, 0.9),
+                       "weight_decay": 0.0})
+    optimizer = opt_cls(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, **kwargs)
 
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None and (checkpoints or resume) else None
     history: list[dict[str, float]] = []
     start_epoch = 0
     if resume:
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        meta = load_checkpoint(ckpt, model=trainable, optimizer=optimizer)
         _check_resume(meta, model_cfg, train_cfg, store.digest, ckpt)
         history, start_epoch = meta["history"], meta["epoch"] + 1
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
@@ -225,6 +277,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     bar = tqdm(range(start_epoch, train_cfg.epochs), desc=f"train {model_cfg.family}", unit="epoch",
                disable=not progress, initial=start_epoch, total=train_cfg.epochs)
     writer = CheckpointWriter()  # writes in the background; training goes on; no write outlives train()
+    best = _BestWeights(train_cfg.early_stop_patience)
     try:
         model.train()
         last_ckpt = time.monotonic()
@@ -233,21 +286,34 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             gen = torch.Generator(device=device).manual_seed(epoch_seed(train_cfg.seed, epoch))
             perm = torch.randperm(len(train_x), device=device, generator=gen)
             kl_weight = _kl_weight(train_cfg, epoch)
-            sums = torch.zeros(3, device=device)
+            adversarial = disc is not None and epoch >= train_cfg.adv_start_epoch
+            sums = torch.zeros(5, device=device)                         # total, recon, kl|vq, g_adv, d_loss
             t0 = time.perf_counter()
             for b in range(n_batches):
                 x = train_x[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]].float()
-                terms, _ = step(x, kl_weight)
+                x = augment_batch(x, train_cfg.augment, gen)
+                terms, out, g_adv = step(x, kl_weight, adversarial)
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
                 optimizer.step()
-                sums += _term_vector(terms, model_cfg.family)
+                sums[:3] += _term_vector(terms, model_cfg.family)
+                if adversarial:                                           # then the discriminator's step
+                    d_loss = step.disc_loss(x, out.recon)
+                    optimizer.zero_grad(set_to_none=True)
+                    d_loss.backward()
+                    optimizer.step()
+                    sums[3:] += torch.stack([g_adv.detach(), d_loss.detach()])
             train_terms = (sums / n_batches).tolist()                     # the epoch's one host sync
             seconds = time.perf_counter() - t0
             key = "kl" if model_cfg.family == "vae" else "vq"
             metrics = {"train_loss": train_terms[0], "train_recon": train_terms[1], f"train_{key}": train_terms[2],
                        "kl_weight": kl_weight, "epoch_seconds": seconds,
                        "img_per_s": n_batches * train_cfg.batch_size / seconds}
+            if disc is not None:
+                metrics.update({"train_adv": train_terms[3], "train_disc": train_terms[4]})
+            if model_cfg.family == "vae" and train_cfg.sigma != "fixed":
+                metrics["train_sigma"] = float(terms.pixel_weight.mul(2).rsqrt()) if train_cfg.recon == "mse" \
+                    else float(terms.pixel_weight.reciprocal())
             metrics.update(_validate(step, val_x, epoch))
             history.append({"epoch": epoch, **metrics})
             result.epochs_run = epoch + 1
@@ -257,23 +323,35 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                     h.on_epoch_end(ctx, epoch, metrics)
             except StopTraining as stop:
                 result.stopped_early, result.stop_reason = True, str(stop)
-            last = result.stopped_early or epoch + 1 == train_cfg.epochs
+            patience_over = best.update(model, epoch, metrics.get("val_ssim", float("nan")))
+            last = result.stopped_early or patience_over or epoch + 1 == train_cfg.epochs
             if ckpt is not None and (last or time.monotonic() - last_ckpt >= train_cfg.checkpoint_every_s):
                 last_ckpt = time.monotonic()
-                writer.submit(ckpt, model=model, optimizer=optimizer, meta={
+                writer.submit(ckpt, model=trainable, optimizer=optimizer, meta={
                     "epoch": epoch, "history": history, "model_cfg": json_round(asdict(model_cfg)),
                     "train_cfg": json_round(asdict(train_cfg)), "data_digest": store.digest})
             if result.stopped_early:
+                break
+            if patience_over:
+                log.info("early stop at epoch %d: val_ssim has not improved for %d epochs (best %.4f at epoch %d)",
+                         epoch, train_cfg.early_stop_patience, best.value, best.epoch)
+                result.extra["early_stopped_epoch"] = epoch
                 break
             if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
                 grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae")
                 for h in hooks:
                     h.on_images(ctx, epoch, grids)
         bar.close()
+        if best.restore(model):
+            result.extra["best_epoch"] = best.epoch
+            log.info("restored the weights of epoch %d (best val_ssim %.4f)", best.epoch, best.value)
+        if hasattr(model, "calibrate_reconstruction") and not result.stopped_early:
+            model.calibrate_reconstruction(train_x, train_cfg.eval_batch_size)
 
-        if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_epochs > 0:
-            prior_history = train_prior(model, train_x, train_cfg, progress=progress)
-            result.extra["prior_loss"] = prior_history
+        if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_steps > 0:
+            prior = train_prior(model, train_x, train_cfg, val_codes_from=val_x, progress=progress)
+            result.extra["prior_loss"] = prior.train_nll
+            result.extra["prior_val_nll"] = prior.val_nll
         model.eval()
         can_sample = model_cfg.family == "vae" or bool(getattr(model, "prior_trained", False))
         if train_cfg.final_eval and not result.stopped_early:

@@ -85,7 +85,7 @@ def test_eval_is_deterministic_and_keeps_mode(make_cfg, make_images, family):
 def test_vae_gradients_reach_every_parameter(make_cfg, make_images, norm, latent):
     model = build_model(make_cfg(image_size=32, blocks=3, norm=norm, latent=latent))
     x = make_images(4, 32)
-    vae_loss(model(x), x, ssim_weight=0.1).total.backward()
+    vae_loss(model(x), x, ssim_weight=0.1, sigma="learned", log_sigma=model.log_sigma).total.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import math
+
 import torch
 
 from mrigen.train import Hook, StopTraining, TrainConfig, train
@@ -14,7 +16,7 @@ from mrigen.train.configs import build_configs, parse_overrides
 from mrigen.train.state import CheckpointError
 
 SMALL = {"image_size": 32, "blocks": 3}
-FAST = {"batch_size": 16, "final_eval": False, "grid_every": 0, "prior_epochs": 2, "lr": 1e-3}
+FAST = {"batch_size": 16, "final_eval": False, "grid_every": 0, "prior_steps": 40, "lr": 1e-3}
 
 
 def configs(family="vae", epochs=2, **train_kw):
@@ -23,7 +25,7 @@ def configs(family="vae", epochs=2, **train_kw):
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("beta", -1.0),
                                          ("recon", "huber"), ("amp", "fp8"), ("free_bits", -0.1),
-                                         ("prior_epochs", -1)])
+                                         ("prior_steps", -1)])
 def test_invalid_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -135,8 +137,9 @@ def test_hook_can_stop_training_early(demo_store):
 def test_vqvae_trains_its_prior_and_can_sample(demo_store):
     model_cfg, train_cfg = configs("vqvae", epochs=1)
     result = train(model_cfg, train_cfg, demo_store, progress=False)
-    assert len(result.extra["prior_loss"]) == 2
+    assert len(result.extra["prior_loss"]) == 20                  # one point per twentieth of prior_steps
     assert result.extra["prior_loss"][-1] < result.extra["prior_loss"][0]
+    assert result.extra["prior_val_nll"] is not None and math.isfinite(result.extra["prior_val_nll"])
     samples = result.model.sample(4, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, 1, 32, 32)
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0

@@ -34,7 +34,7 @@ class MemoryStore:
 def test_gpu_training_is_finite_and_improves(family, tmp_path):
     model_cfg, train_cfg = build_configs(family, {"model": {"image_size": 32, "blocks": 3},
                                                   "train": {"epochs": 3, "batch_size": 32, "device": "cuda",
-                                                            "final_eval": False, "prior_epochs": 1}})
+                                                            "final_eval": False, "prior_steps": 5}})
     result = train(model_cfg, train_cfg, MemoryStore(), out_dir=tmp_path, progress=False)
     assert next(result.model.parameters()).is_cuda
     losses = [h["train_loss"] for h in result.history]
