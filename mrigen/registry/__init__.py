@@ -2,6 +2,8 @@
 
     version = register(run_id, "mrigen-vae", metric="val_ssim", value=0.81, greater_is_better=True)
     promote_if_better("mrigen-vae", version, metric="val_ssim", greater_is_better=True)   # -> bool
+    rule = PromotionRule.parse({"metric": "val_fd_ratio", "require": {"val_memorised": "<= 0.05"}})
+    register(run_id, name, metric=rule.metric, value=v, greater_is_better=rule.greater_is_better, require=rule.require)
     python -m mrigen.registry list | show NAME | promote NAME VERSION [--force]
 """
 
@@ -9,9 +11,11 @@ from mrigen.registry.artifacts import (PICKLE_SUFFIXES, RegistryError, describe_
                                        hash_tree, verify_downloaded)
 from mrigen.registry.artifacts import verify_model_artifacts as _verify
 from mrigen.registry.core import CHAMPION, champion, list_models, model_card, promote_if_better, register, show
+from mrigen.registry.rule import DEFAULT_RULE, Condition, MissingMetricError, PromotionRule
 from mrigen.tracking.client import make_client
 
-__all__ = ["CHAMPION", "PICKLE_SUFFIXES", "RegistryError", "champion", "describe_model_uri", "find_logged_model",
+__all__ = ["CHAMPION", "DEFAULT_RULE", "PICKLE_SUFFIXES", "Condition", "MissingMetricError", "PromotionRule",
+           "RegistryError", "champion", "describe_model_uri", "find_logged_model",
            "hash_tree", "list_models", "model_card", "promote_if_better", "register", "show", "verify_downloaded",
            "verify_model_artifacts"]
 

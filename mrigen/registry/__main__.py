@@ -1,4 +1,4 @@
-"""`python -m mrigen.registry list | show NAME | promote NAME VERSION [--force]` for people who skip the UI."""
+"""`python -m mrigen.registry list | show NAME | promote NAME VERSION [--require M>=V] [--force]` for people who skip the UI."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mrigen.registry.core import CHAMPION, list_models, promote_if_better, show
+from mrigen.registry.rule import Condition
 from mrigen.tracking.client import TrackingError, error_line
 
 __all__ = ["main"]
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     direction = pr.add_mutually_exclusive_group()
     direction.add_argument("--greater-is-better", dest="greater", action="store_true", default=None)
     direction.add_argument("--lower-is-better", dest="greater", action="store_false")
+    pr.add_argument("--require", action="append", metavar="METRIC>=VALUE",
+                    help="a condition the version (and the champion) must meet, e.g. 'val_memorised<=0.05'; "
+                         "repeatable (default: the conditions recorded at registration)")
     pr.add_argument("--force", action="store_true", help="promote even if it is worse (retires other candidates)")
     return p
 
@@ -53,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             if info["champion_card"]:
                 print("\n" + info["champion_card"])
         else:
+            require = None if args.require is None else tuple(Condition.parse_expr(r) for r in args.require)
             won = promote_if_better(args.name, args.version, metric=args.metric, greater_is_better=args.greater,
-                                    force=args.force, tracking_uri=args.tracking_uri)
+                                    require=require, force=args.force, tracking_uri=args.tracking_uri)
             print(f"{args.name} v{args.version} is now {CHAMPION}" if won
                   else f"{args.name} v{args.version} did not beat the current {CHAMPION}; unchanged")
     except (TrackingError, ValueError) as exc:

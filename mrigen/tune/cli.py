@@ -116,27 +116,16 @@ def _store(data: Path | None, work_dir: Path, size: int, announce: bool):
     return store
 
 
-def _ensure_champion(run_id: str, name: str, spec: StudySpec, value: float, tracking_uri: str) -> None:
-    """Register the best trial's model unless a version of it exists, then promote it if it is the best."""
-    from mlflow import MlflowClient
-
-    from mrigen.registry import promote_if_better, register
-
-    client = MlflowClient(tracking_uri)
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    version = versions[0].version if versions else register(
-        run_id, name, metric=spec.metric, value=value, greater_is_better=spec.greater_is_better,
-        tracking_uri=tracking_uri)
-    promote_if_better(name, version, metric=spec.metric, greater_is_better=spec.greater_is_better,
-                      tracking_uri=tracking_uri)
-
-
 def finish(ctx: TuneContext, study: optuna.Study) -> None:
-    """Summarise to the parent run, make sure the best trial is the champion, print where to look."""
+    """Summarise to the parent run, make sure the rule's best trial was offered for champion, print the champion's
+    measured quality against the targets, and where to look."""
+    from mrigen.tune.promotion import ensure_champion
+    from mrigen.tune.report import champion_report
+
     opts, spec = ctx.opts, ctx.spec
     if ctx.parent_run_id:
-        summarise(study, opts.tracking_uri, ctx.parent_run_id)
-    print("\n" + summary_table(study))
+        summarise(study, spec, opts.tracking_uri, ctx.parent_run_id)
+    print("\n" + summary_table(study, spec))
     if opts.tracking_uri is None:
         return
     name = opts.register_name or f"mrigen-{spec.name}"
@@ -144,16 +133,14 @@ def finish(ctx: TuneContext, study: optuna.Study) -> None:
     if not completed:
         print(f"\nno trial completed; see the log above. Nothing was registered under {name}.")
         return
-    best = study.best_trial
-    run_id = best.user_attrs.get("mlflow_run_id")
-    if run_id:
-        _ensure_champion(run_id, name, spec, best.value, opts.tracking_uri)
+    best = ensure_champion(study, spec, name, opts.tracking_uri)
     from mrigen.tracking import redact_uri
 
     uri = redact_uri(opts.tracking_uri)
     ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}")
-    print(f"\nbest trial {best.number}: {spec.metric}={best.value:.4f} params={best.params}\n"
-          f"  compare trials:  {ui}\n"
-          f"  champion model:  models:/{name}@champion\n"
+    rule = (f"trial {best.number} ranks first under the promotion rule ({spec.promotion})" if best is not None else
+            f"no trial meets the promotion rule ({spec.promotion}); nothing new was offered for champion")
+    print(f"\n{rule}\n" + champion_report(name, opts.tracking_uri, spec, demo=not opts.full_budget) +
+          f"\n  compare trials:  {ui}\n"
           f"  generate slices: MLFLOW_TRACKING_URI={uri} python -m mrigen.generate "
           f"--model models:/{name}@champion -n 16 --out synthetic/")

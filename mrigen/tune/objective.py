@@ -12,26 +12,32 @@ from typing import Any
 
 import optuna
 
+from mrigen.registry.rule import FINAL_ONLY_METRICS, MissingMetricError
 from mrigen.train import Hook, StopTraining, TrainContext, train
 from mrigen.train.configs import build_configs
+from mrigen.tune import promotion
 from mrigen.tune.study import Budget, StudySpec
 
-__all__ = ["TrialRunner", "PruningHook", "ProgressHook", "RunIdRecorder", "objective_value"]
+__all__ = ["TrialRunner", "PruningHook", "ProgressHook", "RunIdRecorder", "objective_value", "trial_metrics"]
 
 log = logging.getLogger(__name__)
 
 
 class PruningHook(Hook):
-    """Reports the study metric to Optuna each epoch and stops training when the pruner says so."""
+    """Reports the pruning metric to Optuna each epoch and stops training when the pruner says so.
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial, self.metric = trial, metric
+    Optuna's pruners compare intermediate values in the study's direction, so a metric that is better the other
+    way (val_ssim in a study minimising val_fd_ratio) is reported negated (`sign=-1`).
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, sign: float = 1.0) -> None:
+        self.trial, self.metric, self.sign = trial, metric, sign
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return
-        _storage_retry(lambda: self.trial.report(value, step=epoch), "report to the Optuna storage")
+        _storage_retry(lambda: self.trial.report(self.sign * value, step=epoch), "report to the Optuna storage")
         if _storage_retry(self.trial.should_prune, "ask the Optuna pruner"):
             raise StopTraining(f"pruned by Optuna at epoch {epoch} ({self.metric}={value:.4f})")
 
@@ -72,30 +78,53 @@ class RunIdRecorder(Hook):
 
 
 class ProgressHook(Hook):
-    """One live line per epoch: worker, trial n/N, epoch, current metric, best so far."""
+    """One live line per epoch: worker, trial n/N, epoch, a per-epoch metric, the study's best so far."""
 
-    def __init__(self, worker: str, trial: optuna.Trial, total: int, metric: str, best: float | None) -> None:
+    def __init__(self, worker: str, trial: optuna.Trial, total: int, metric: str, best: str) -> None:
         self.worker, self.trial, self.total, self.metric, self.best = worker, trial, total, metric, best
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int, metrics: dict[str, float]) -> None:
-        best = "-" if self.best is None else f"{self.best:.4f}"
         print(f"[{self.worker}] trial {self.trial.number + 1}/{self.total} epoch {epoch + 1}/"
               f"{ctx.train_cfg.epochs} {self.metric}={metrics.get(self.metric, float('nan')):.4f} "
-              f"best={best} ({metrics.get('img_per_s', 0):.0f} img/s on {ctx.device})", flush=True)
+              f"best {self.best} ({metrics.get('img_per_s', 0):.0f} img/s on {ctx.device})", flush=True)
 
 
 def objective_value(metric: str, val_metrics: dict[str, float], history: list[dict[str, float]]) -> float:
-    """The trial's objective: `metric` from the final evaluation if present, else its last epoch's value."""
+    """The trial's value of `metric`: from the final evaluation if present, else its last epoch's value.
+
+    Raises:
+        MissingMetricError: neither has it (the message names the metric and lists what the trial produced).
+    """
     short = metric.removeprefix("val_")
-    for source in (val_metrics.get(metric), val_metrics.get(short), history[-1].get(metric) if history else None):
+    last = history[-1] if history else {}
+    sources = [val_metrics.get(metric), val_metrics.get(short)]
+    if short not in FINAL_ONLY_METRICS:                 # sample metrics have no per-epoch value to fall back on
+        sources.append(last.get(metric))
+    for source in sources:
         if source is not None:
             return float(source)
-    raise KeyError(f"metric {metric!r} was not produced by training (have: {sorted(history[-1]) if history else []})")
+    have = sorted(set(val_metrics) | set(last))
+    hint = (" (only the final evaluation computes it: is train.final_eval on, and can the model sample?)"
+            if short in FINAL_ONLY_METRICS else "")
+    raise MissingMetricError(f"metric {metric!r} was not produced by training{hint}; have: {', '.join(have)}")
+
+
+def trial_metrics(val_metrics: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
+    """Every finite metric of a trial under its study name (`val_<name>`): the last epoch's, overridden by the
+    final evaluation's."""
+    out = {k: float(v) for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}
+    out.update({k if k.startswith("val_") else f"val_{k}": float(v) for k, v in val_metrics.items()})
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 @dataclass
 class TrialRunner:
-    """Callable objective for `study.optimize`: samples params, trains, tracks, registers the best."""
+    """Callable objective for `study.optimize`: samples params, trains, tracks, registers the best.
+
+    Returns the objective value (a list of them in a multi-objective study). The trial's final metrics and its
+    promotion outcome are stored in its user attributes (`metrics`, `promotion`) for the summary and for later
+    workers; a model is registered and offered for `champion` only when it meets the study's promotion rule.
+    """
 
     spec: StudySpec
     store: Any                              # mrigen.data.SliceStore
@@ -108,7 +137,7 @@ class TrialRunner:
     worker: str = "w0"
     device: str = "auto"
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         params = {p.name: p.suggest(trial) for p in self.spec.space}
         layer: dict[str, dict[str, Any]] = {"model": {"image_size": self.budget.image_size},
                                            "train": {"epochs": self.budget.epochs, "device": self.device}}
@@ -116,9 +145,11 @@ class TrialRunner:
             section, _, field_name = name.partition(".")
             layer[section][field_name] = value
         model_cfg, train_cfg = build_configs(self.spec.family, self.spec.base, layer)
-        best = self._best_value(trial.study)
-        hooks: list[Hook] = [PruningHook(trial, self.spec.metric),
-                             ProgressHook(self.worker, trial, self.budget.trials, self.spec.metric, best)]
+        pruner = self.spec.pruner
+        hooks: list[Hook] = [ProgressHook(self.worker, trial, self.budget.trials, pruner.metric,
+                                          promotion.best_text(trial.study, self.spec))]
+        if not self.spec.multi_objective:       # Optuna has no intermediate values for multi-objective studies
+            hooks.insert(0, PruningHook(trial, pruner.metric, 1.0 if pruner.direction == self.spec.direction else -1.0))
         tracker = self._tracker(trial)
         if tracker is not None:
             hooks += [tracker, RunIdRecorder(trial, tracker)]
@@ -136,24 +167,24 @@ class TrialRunner:
                 log.warning("could not remove the trial's local copy %s: %s", out_dir, exc)
         if result.stopped_early:
             raise optuna.TrialPruned(result.stop_reason)
-        value = objective_value(self.spec.metric, result.val_metrics, result.history)
-        if not math.isfinite(value):
-            raise optuna.TrialPruned(f"{self.spec.metric} is not finite ({value})")
-        if self.registered_name and tracker is not None and self._is_best(trial.study, value):
-            self._register(tracker.run_id, value, result.val_metrics)
-        return value
-
-    def _best_value(self, study: optuna.Study) -> float | None:
+        metrics = trial_metrics(result.val_metrics, result.history)
+        trial.set_user_attr("metrics", metrics)
         try:
-            return study.best_value
-        except ValueError:            # no completed trial yet
-            return None
-
-    def _is_best(self, study: optuna.Study, value: float) -> bool:
-        best = self._best_value(study)
-        if best is None:
-            return True
-        return value > best if self.spec.greater_is_better else value < best
+            values = [objective_value(o.metric, result.val_metrics, result.history) for o in self.spec.objectives]
+            outcome = promotion.Outcome.of(self.spec.promotion, metrics)
+        except MissingMetricError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise MissingMetricError(f"trial {trial.number}: {exc}") from None
+        bad = [f"{o.metric}={v}" for o, v in zip(self.spec.objectives, values) if not math.isfinite(v)]
+        if bad:
+            raise optuna.TrialPruned(f"not finite: {', '.join(bad)}")
+        trial.set_user_attr("promotion", outcome.as_attr())
+        if outcome.failures:
+            log.info("trial %d is not promotable: %s", trial.number, "; ".join(outcome.failures))
+        elif self.registered_name and tracker is not None and promotion.is_best(trial.study, self.spec, outcome):
+            promotion.register_and_promote(tracker.run_id, self.registered_name, self.spec, outcome,
+                                           trial.number, self.tracking_uri)
+        return values if self.spec.multi_objective else values[0]
 
     def _tracker(self, trial: optuna.Trial):
         if self.tracking_uri is None:
@@ -164,13 +195,3 @@ class TrialRunner:
                           run_name=f"{self.spec.name}-trial-{trial.number:04d}", parent_run_id=self.parent_run_id,
                           tags={"optuna.study": self.spec.name, "optuna.trial_number": str(trial.number),
                                 "optuna.trial_id": str(trial._trial_id), "mrigen.worker": self.worker})
-
-    def _register(self, run_id: str, value: float, val_metrics: dict[str, float]) -> None:
-        from mrigen.registry import promote_if_better, register
-
-        version = register(run_id, self.registered_name, metric=self.spec.metric, value=value,
-                           greater_is_better=self.spec.greater_is_better, tracking_uri=self.tracking_uri)
-        promoted = promote_if_better(self.registered_name, version, metric=self.spec.metric,
-                                     greater_is_better=self.spec.greater_is_better, tracking_uri=self.tracking_uri)
-        log.info("registered %s version %s (%s=%.4f)%s", self.registered_name, version, self.spec.metric, value,
-                 "; now champion" if promoted else "")

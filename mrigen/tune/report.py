@@ -41,8 +41,9 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
         client.delete_run(mine)
     else:
         client.log_batch(mine, params=[
-            _param("study.family", spec.family), _param("study.metric", spec.metric),
-            _param("study.direction", spec.direction), _param("study.file", spec.path.name)])
+            _param("study.family", spec.family), _param("study.metric", ",".join(spec.metrics)),
+            _param("study.direction", ",".join(spec.directions)), _param("study.file", spec.path.name),
+            _param("study.promotion", str(spec.promotion))])
     study.set_user_attr(PARENT_ATTR, winner)
     return winner
 
@@ -73,27 +74,71 @@ def _param(key: str, value):
     return Param(key, str(value))
 
 
-def summary_table(study: optuna.Study) -> str:
-    """A plain-text table of every trial: number, state, value, duration, params."""
-    rows = ["trial  state     value     seconds  params"]
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        value = "-" if t.value is None else f"{t.value:.4f}"
+SAMPLE_COLUMNS = ("val_ssim", "val_fd_ratio", "val_precision", "val_recall", "val_memorised")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _params(t) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+
+
+def summary_table(study: optuna.Study, spec: StudySpec) -> str:
+    """A plain-text table of every trial: number, state, objective value(s), Pareto membership (multi-objective),
+    held-out recon SSIM and sample-quality metrics when the trials recorded them, whether the trial meets the
+    promotion rule, duration, params; then the Pareto front, unmet promotion requirements and failure reasons."""
+    from mrigen.tune.pareto import front
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    extra = [m for m in SAMPLE_COLUMNS if m not in spec.metrics
+             and any(m in (t.user_attrs.get("metrics") or {}) for t in trials)]
+    on_front = {t.number for t in front(study)} if spec.multi_objective else set()
+    heads = ["trial", "state", *spec.metrics, *(["front"] if spec.multi_objective else []),
+             *(m.removeprefix("val_") for m in extra), "rule", "seconds", "params"]
+    rows, notes = [], []
+    for t in trials:
+        values = list(t.values) if t.values is not None else [None] * len(spec.metrics)
+        metrics = t.user_attrs.get("metrics") or {}
+        promo = t.user_attrs.get("promotion")
+        rule = "-" if not isinstance(promo, dict) else "no" if promo.get("failures") else "ok"
+        if isinstance(promo, dict) and promo.get("failures"):
+            notes.append(f"trial {t.number} does not meet the promotion rule: {'; '.join(promo['failures'])}")
+        if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason"):
+            notes.append(f"trial {t.number} failed: {t.user_attrs['fail_reason']}")
         secs = "-" if t.duration is None else f"{t.duration.total_seconds():.1f}"
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        rows.append(f"{t.number:5d}  {t.state.name:8s}  {value:>8s}  {secs:>7s}  {params}")
-    return "\n".join(rows)
+        rows.append([str(t.number), t.state.name, *map(_fmt, values),
+                     *(["*" if t.number in on_front else ""] if spec.multi_objective else []),
+                     *(_fmt(metrics.get(m)) for m in extra), rule, secs, _params(t)])
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads) - 1)]
+    lines = ["  ".join(c.rjust(w) if i else c.rjust(5) for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1]
+             for r in [heads, *rows]]
+    if spec.multi_objective:
+        best = front(study)
+        lines.append(f"\nPareto front ({len(best)} trial{'s' if len(best) != 1 else ''}; "
+                     f"{', '.join(f'{o.metric} {o.direction}' for o in spec.objectives)}):")
+        lines += [f"  trial {t.number}: " + ", ".join(f"{m}={v:.4f}" for m, v in zip(spec.metrics, t.values))
+                  + f"  [{_params(t)}]" for t in best] or ["  (no completed trial)"]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
 
 
-def summarise(study: optuna.Study, tracking_uri: str, parent_run_id: str, status: str = "FINISHED") -> None:
-    """Log best params/value, trial counts and Optuna's plots to the parent run, then set its status."""
+def summarise(study: optuna.Study, spec: StudySpec, tracking_uri: str, parent_run_id: str,
+              status: str = "FINISHED") -> None:
+    """Log best params/value (or the Pareto front), trial counts and Optuna's plots to the parent run, then set
+    its status."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from mlflow import MlflowClient
     import time
 
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from mrigen.tune.pareto import log_front
 
     client = MlflowClient(tracking_uri)
     states = [t.state for t in study.get_trials(deepcopy=False)]
@@ -101,24 +146,31 @@ def summarise(study: optuna.Study, tracking_uri: str, parent_run_id: str, status
     metrics = [Metric(f"n_{s.name.lower()}", states.count(s), now, 0)
                for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if completed:
+    target: dict = {}
+    if spec.multi_objective:
+        n_front = log_front(client, parent_run_id, study, spec)
+        metrics.append(Metric("n_pareto", n_front, now, 0))
+        if completed:
+            client.set_tag(parent_run_id, "pareto_trials", ",".join(str(t.number) for t in study.best_trials))
+        target = {"target": lambda t: t.values[0], "target_name": spec.metric}
+    elif completed:
         best = study.best_trial
         metrics.append(Metric("best_value", best.value, now, 0))
         metrics.append(Metric("best_trial", best.number, now, 0))
         client.set_tag(parent_run_id, "best_params", str(best.params))
         client.set_tag(parent_run_id, "best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
     client.log_batch(parent_run_id, metrics=metrics)
-    client.log_text(parent_run_id, summary_table(study), "study_summary.txt")
+    client.log_text(parent_run_id, summary_table(study, spec), "study_summary.txt")
     plots = {"optimization_history": optuna.visualization.matplotlib.plot_optimization_history}
     if len(completed) >= 2:
         plots["parallel_coordinate"] = optuna.visualization.matplotlib.plot_parallel_coordinate
-        if len(study.best_trial.params) >= 2:
+        if len(completed[0].params) >= 2:
             plots["param_importances"] = optuna.visualization.matplotlib.plot_param_importances
     for name, plot in plots.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
-                ax = plot(study)
+                ax = plot(study, **target)
             except (ValueError, RuntimeError) as exc:   # e.g. importances need varied params
                 log.warning("study plot %s skipped: %s", name, exc)
                 continue
@@ -127,3 +179,61 @@ def summarise(study: optuna.Study, tracking_uri: str, parent_run_id: str, status
         client.log_figure(parent_run_id, fig, f"study/{name}.png")
         plt.close(fig)
     client.set_terminated(parent_run_id, status=status)
+
+
+# Targets the champion is read against (issue 10): the embedded demo (64 px, CPU) and the GPU benchmark (128 px).
+DEMO_TARGETS = (("ssim", ">=", 0.75), ("fd_ratio", "<=", 3.0))
+FULL_TARGETS = {"vae": (("ssim", ">=", 0.85),), "vqvae": (("ssim", ">=", 0.92),)}
+FULL_SAMPLE_TARGETS = (("fd_ratio", "<=", 2.0), ("precision", ">=", 0.7), ("recall", ">=", 0.5),
+                       ("memorised", "<=", 0.0))
+
+
+def verdict(metrics: dict[str, float], targets: tuple[tuple[str, str, float], ...]) -> str:
+    """`met` or `NOT met: ssim 0.62 < 0.75; ...` (a target whose metric was not recorded is not met)."""
+    from mrigen.registry.rule import Condition, find_metric
+
+    misses = []
+    for name, op, threshold in targets:
+        v = find_metric(metrics, name)
+        if v is None:
+            misses.append(f"{name} not recorded")
+        elif not Condition(name, op, threshold).holds(v):
+            misses.append(f"{name} {v:.3g} misses {op} {threshold:g}")
+    return "met" if not misses else "NOT met: " + "; ".join(misses)
+
+
+def champion_report(name: str, tracking_uri: str, spec: StudySpec, demo: bool) -> str:
+    """What the registry's champion measured (held-out recon SSIM/PSNR, fd_ratio, precision, recall, memorised)
+    and a one-line verdict against the demo targets (`demo`) or the 128 px GPU targets."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from mrigen.registry import champion
+    from mrigen.registry.core import METRIC_TAG, VALUE_TAG, recorded_metrics
+    from mrigen.registry.rule import find_metric
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        champ = champion(client, name)
+    except MlflowException as exc:                # a registry that cannot answer must not hide the study's summary
+        return f"  champion: could not read models:/{name}@champion ({str(exc).splitlines()[0][:200]})"
+    if champ is None:
+        return f"  champion: none registered under {name}"
+    tags, m = champ.tags or {}, recorded_metrics(champ)
+
+    def show(key: str, fmt: str = ".3f") -> str:
+        v = find_metric(m, key)
+        return "n/a" if v is None else format(v, fmt)
+
+    trial = tags.get("optuna.trial_number")
+    origin = f"trial {trial} of study {tags.get('optuna.study', '?')}" if trial is not None else f"run {champ.run_id}"
+    targets = DEMO_TARGETS if demo else (*FULL_TARGETS.get(spec.family, ()), *FULL_SAMPLE_TARGETS)
+    label = "demo targets" if demo else "GPU targets (128 px)"
+    wanted = ", ".join(f"{k} {op} {v:g}" for k, op, v in targets)
+    return "\n".join([
+        f"champion: models:/{name}@champion = v{champ.version} ({origin}); ranked on "
+        f"{tags.get(METRIC_TAG, '?')} = {float(tags.get(VALUE_TAG, 'nan')):.4f}",
+        f"  held-out recon: SSIM {show('ssim')}, PSNR {show('psnr', '.1f')} dB | samples: fd_ratio "
+        f"{show('fd_ratio')}, precision {show('precision', '.2f')}, recall {show('recall', '.2f')}, "
+        f"memorised {show('memorised')}",
+        f"  {label} ({wanted}): {verdict(m, targets)}"])

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from mrigen.tune.objective import TrialRunner
 from mrigen.tune.study import Budget, StudySpec
 
-__all__ = ["TuneOptions", "StaleTrialCallback", "make_storage", "open_study", "run_worker", "run_study", "FINISHED"]
+__all__ = ["TuneOptions", "StaleTrialCallback", "make_storage", "open_study", "check_objectives", "run_worker", "run_study", "FINISHED"]
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -86,15 +86,37 @@ def make_storage(url: str, heartbeat: int, tracking_uri: str | None = None) -> R
 
 
 def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    kwargs = {k: v for k, v in spec.pruner.items() if k != "type"}
-    kind = spec.pruner.get("type", "median")
-    if kind == "none":
+    kwargs, kind = dict(spec.pruner.options), spec.pruner.type
+    if kind == "none" or spec.multi_objective:
         return optuna.pruners.NopPruner()
     if kind == "median":
         return optuna.pruners.MedianPruner(**kwargs)
     if kind == "percentile":
         return optuna.pruners.PercentilePruner(**kwargs)
     return optuna.pruners.HyperbandPruner(**kwargs)
+
+
+OBJECTIVES_ATTR = "mrigen.objectives"       # study user attribute: the objective metrics it was created for
+
+
+def check_objectives(study: optuna.Study, spec: StudySpec, storage: str) -> None:
+    """Refuse to add trials to a stored study created for other objectives (its values would not compare).
+
+    Raises:
+        ValueError: one line naming the study, what it was created for, the study file and the way out.
+    """
+    from mrigen.tracking import redact_uri
+
+    stored = study.user_attrs.get(OBJECTIVES_ATTR)
+    directions = [d.name.lower() for d in study.directions]
+    if (stored is not None and list(stored) != list(spec.metrics)) or directions != spec.directions:
+        was = ", ".join(f"{m} ({d})" for m, d in zip(stored or ["?"] * len(directions), directions))
+        now = ", ".join(f"{o.metric} ({o.direction})" for o in spec.objectives)
+        raise ValueError(f"study {spec.name!r} in {redact_uri(storage)} was created to optimise {was}, but "
+                         f"{spec.path} now optimises {now}; use a new --storage (or --work-dir) for the new "
+                         f"objective")
+    if stored is None:
+        study.set_user_attr(OBJECTIVES_ATTR, list(spec.metrics))
 
 
 def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0, attempts: int = 5) -> optuna.Study:
@@ -115,8 +137,10 @@ def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0, attemp
             if opts.resume and spec.name not in optuna.get_all_study_names(storage):
                 raise ValueError(f"--resume: no study named {spec.name!r} in the storage; start it without --resume")
             sampler = optuna.samplers.TPESampler(seed=opts.seed + worker_index)
-            return optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                       pruner=_pruner(spec), direction=spec.direction, load_if_exists=True)
+            study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                        pruner=_pruner(spec), directions=spec.directions, load_if_exists=True)
+            check_objectives(study, spec, opts.storage)
+            return study
         except (SQLAlchemyError, ImportError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             if attempt + 1 == attempts or isinstance(exc, ImportError) or "connect" in reason.lower():

@@ -1,7 +1,8 @@
 """Study definitions: `experiments/<name>.yaml` parsed and validated into a `StudySpec`.
 
-A study file holds only what differs from the defaults (base config deltas), the search space, the objective,
-the pruner, and two budgets: `budget` (GPU + real data) and `demo_budget` (the embedded CPU default).
+A study file holds only what differs from the defaults (base config deltas), the search space, the objective(s),
+the pruner, the promotion rule, and two budgets: `budget` (GPU + real data) and `demo_budget` (the embedded CPU
+default). The schema is documented in docs/TRACKING.md ("Study files").
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from typing import Any
 
 import yaml
 
-__all__ = ["StudySpec", "ParamSpec", "Budget", "load_study", "list_studies", "experiments_dir", "StudyFileError"]
+from mrigen.registry.rule import (DEFAULT_RULE, FINAL_ONLY_METRICS, PromotionRule, RuleError, is_baseline,
+                                  is_sample_metric, known_direction, short_name)
 
-_TOP_KEYS = {"description", "family", "base", "search_space", "objective", "pruner", "budget", "demo_budget"}
+__all__ = ["StudySpec", "ParamSpec", "Budget", "Objective", "PrunerSpec", "load_study", "list_studies", "experiments_dir", "StudyFileError"]
+
+_TOP_KEYS = {"description", "family", "base", "search_space", "objective", "pruner", "promotion", "budget",
+             "demo_budget"}
 _PRUNERS = ("median", "percentile", "hyperband", "none")
 
 
@@ -63,6 +68,33 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """One thing the study optimises: a validation metric and its direction."""
+
+    metric: str                            # val_<name>: per-epoch (val_ssim) or final-evaluation (val_fd_ratio)
+    direction: str                         # "maximize" | "minimize"
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.direction == "maximize"
+
+    @property
+    def final_only(self) -> bool:
+        """True when only the final evaluation produces it (no per-epoch value to prune on)."""
+        return short_name(self.metric) in FINAL_ONLY_METRICS
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """How trials are pruned: an Optuna pruner fed one per-epoch metric."""
+
+    type: str = "median"                   # "median" | "percentile" | "hyperband" | "none"
+    metric: str = "val_ssim"               # per-epoch metric reported to the pruner each epoch
+    direction: str = "maximize"            # which way `metric` is better (reported negated if the study's differs)
+    options: dict[str, Any] = field(default_factory=dict)   # keyword arguments of the Optuna pruner
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """A validated study definition."""
 
@@ -72,15 +104,36 @@ class StudySpec:
     family: str                                            # "vae" | "vqvae"
     base: dict[str, dict[str, Any]]                        # {"model": {...}, "train": {...}} deltas
     space: tuple[ParamSpec, ...]
-    metric: str                                            # objective: a validation metric name, e.g. val_ssim
-    direction: str                                         # "maximize" | "minimize"
-    pruner: dict[str, Any] = field(default_factory=dict)   # {"type": "median", ...optuna pruner kwargs}
+    objectives: tuple[Objective, ...]                      # one, or several (Optuna multi-objective)
+    pruner: PrunerSpec = PrunerSpec()
+    promotion: PromotionRule = DEFAULT_RULE                # which trial's model becomes `champion`
     budget: Budget = Budget(20, 30, 128)
     demo_budget: Budget = Budget(3, 2, 32)
 
     @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def metric(self) -> str:
+        """The first objective's metric (the only one of a single-objective study)."""
+        return self.objectives[0].metric
+
+    @property
+    def direction(self) -> str:
+        return self.objectives[0].direction
+
+    @property
     def greater_is_better(self) -> bool:
-        return self.direction == "maximize"
+        return self.objectives[0].greater_is_better
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(o.metric for o in self.objectives)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
 
 
 def list_studies(directory: Path | None = None) -> list[str]:
@@ -142,6 +195,111 @@ def _param(path: Path, name: str, raw: Any, valid: dict[str, set[str]]) -> Param
     raise _fail(path, key, f"type={kind!r} must be one of categorical, int, float")
 
 
+def _objective(path: Path, key: str, raw: Any) -> Objective:
+    if not isinstance(raw, dict) or set(raw) - {"metric", "direction"}:
+        raise _fail(path, key, "expected {metric: NAME, direction: maximize|minimize}")
+    metric = raw.get("metric", "val_ssim")
+    if not isinstance(metric, str) or not metric.startswith("val_"):
+        raise _fail(path, f"{key}.metric", f"{metric!r} must be a validation metric (val_*)")
+    if is_baseline(metric):
+        raise _fail(path, f"{key}.metric", f"{metric!r} is a real-vs-real baseline; it does not depend on the model")
+    known = known_direction(metric)
+    direction = raw.get("direction", known or "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise _fail(path, f"{key}.direction", f"{direction!r} must be maximize or minimize")
+    if known not in (None, direction):
+        raise _fail(path, f"{key}.direction", f"{direction!r} is the wrong way for {metric} (better is {known})")
+    return Objective(metric, direction)
+
+
+def _objectives(path: Path, raw: Any) -> tuple[Objective, ...]:
+    """`objective: {metric, direction}` or a list of them (multi-objective)."""
+    if raw is None:
+        return (Objective("val_ssim", "maximize"),)
+    if isinstance(raw, list):
+        if not raw:
+            raise _fail(path, "objective", "an objective list needs at least one {metric, direction}")
+        out = tuple(_objective(path, f"objective[{i}]", r) for i, r in enumerate(raw))
+        names = [o.metric for o in out]
+        if len(set(names)) != len(names):
+            raise _fail(path, "objective", f"metrics {names} repeat one another")
+        return out
+    return (_objective(path, "objective", raw),)
+
+
+def _pruner(path: Path, raw: Any, objectives: tuple[Objective, ...]) -> PrunerSpec:
+    """Per-epoch pruning; refused for multi-objective studies (Optuna prunes single-objective ones only)."""
+    import optuna
+
+    if raw is not None and not isinstance(raw, dict):
+        raise _fail(path, "pruner", "expected a mapping such as {type: median, metric: val_ssim}")
+    raw = dict(raw or {"type": "none" if len(objectives) > 1 else "median"})
+    kind = raw.pop("type", "median")
+    if kind not in _PRUNERS:
+        raise _fail(path, "pruner.type", f"{kind!r} must be one of {_PRUNERS}")
+    if len(objectives) > 1 and kind != "none":
+        raise _fail(path, "pruner.type", f"{kind!r}: Optuna cannot prune a multi-objective study; "
+                                         f"state pruner: {{type: none}}")
+    first = objectives[0]
+    metric = raw.pop("metric", "val_ssim" if first.final_only else first.metric)
+    if not isinstance(metric, str) or not metric.startswith("val_"):
+        raise _fail(path, "pruner.metric", f"{metric!r} must be a per-epoch validation metric (val_*)")
+    if short_name(metric) in FINAL_ONLY_METRICS or is_baseline(metric):
+        raise _fail(path, "pruner.metric", f"{metric!r} exists only after the final evaluation; pruning needs a "
+                                           f"per-epoch metric such as val_ssim, val_psnr or val_loss")
+    known = known_direction(metric)
+    direction = raw.pop("direction", known if known else first.direction if metric == first.metric else None)
+    if direction not in ("maximize", "minimize"):
+        raise _fail(path, "pruner.direction", f"{direction!r}: state whether {metric} is better higher (maximize) "
+                                              f"or lower (minimize)")
+    if known not in (None, direction):
+        raise _fail(path, "pruner.direction", f"{direction!r} is the wrong way for {metric} (better is {known})")
+    builders = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+                "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    try:
+        builders[kind](**raw)
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, "pruner", f"bad options {raw} for the {kind} pruner ({exc})") from None
+    return PrunerSpec(type=kind, metric=metric, direction=direction, options=raw)
+
+
+def _promotion(path: Path, raw: Any) -> PromotionRule:
+    """The champion rule; it must look at sample quality through its metric or its `require` conditions."""
+    if raw is None:
+        return DEFAULT_RULE
+    if not isinstance(raw, dict):
+        raise _fail(path, "promotion", "expected {metric: NAME, direction: ..., require: {NAME: '>= VALUE'}}")
+    try:
+        rule = PromotionRule.parse(raw)
+    except RuleError as exc:
+        raise _fail(path, f"promotion.{exc.key}", exc.message) from None
+    if not rule.looks_at_samples:
+        raise _fail(path, "promotion.metric", f"{rule.metric!r} does not look at samples: rank on a sample metric "
+                                              f"(val_fd_ratio, val_precision, val_recall, val_memorised, ...) or add "
+                                              f"one to promotion.require")
+    return rule
+
+
+def _check_can_evaluate(path: Path, family: str, base: dict, objectives: tuple[Objective, ...],
+                        promotion: PromotionRule) -> None:
+    """Sample metrics need the final evaluation and a model that can sample (a VQ-VAE needs its prior)."""
+    from mrigen.train.configs import build_configs
+
+    needs = [m for m in (*(o.metric for o in objectives), *promotion.metrics)
+             if short_name(m) in FINAL_ONLY_METRICS]
+    if not needs:
+        return
+    _, train_cfg = build_configs(family, base)
+    if not getattr(train_cfg, "final_eval", True):
+        raise _fail(path, "base.train.final_eval", f"false, but {', '.join(dict.fromkeys(needs))} come only from "
+                                                   f"the final evaluation")
+    prior = getattr(train_cfg, "prior_steps", getattr(train_cfg, "prior_epochs", 1))
+    if family == "vqvae" and any(is_sample_metric(m) for m in needs) and prior == 0:
+        name = "prior_steps" if hasattr(train_cfg, "prior_steps") else "prior_epochs"
+        raise _fail(path, f"base.train.{name}", "0 leaves the VQ-VAE without a code prior, so it cannot sample "
+                                                 f"for {', '.join(dict.fromkeys(needs))}")
+
+
 def load_study(name_or_path: str | Path, directory: Path | None = None) -> StudySpec:
     """Load and validate a study by name (`experiments/<name>.yaml`) or by path.
 
@@ -187,22 +345,14 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
     if not isinstance(raw_space, dict) or not raw_space:
         raise _fail(path, "search_space", "a study needs a non-empty search_space mapping")
     space = tuple(_param(path, name, raw, valid) for name, raw in raw_space.items())
-    objective = doc.get("objective") or {}
-    if not isinstance(objective, dict) or set(objective) - {"metric", "direction"}:
-        raise _fail(path, "objective", "expected {metric: NAME, direction: maximize|minimize}")
-    metric = objective.get("metric", "val_ssim")
-    direction = objective.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
-        raise _fail(path, "objective.direction", f"{direction!r} must be maximize or minimize")
-    if not isinstance(metric, str) or not metric.startswith("val_"):
-        raise _fail(path, "objective.metric", f"{metric!r} must be a per-epoch validation metric (val_*)")
-    pruner = dict(doc.get("pruner") or {"type": "median"})
-    if pruner.get("type") not in _PRUNERS:
-        raise _fail(path, "pruner.type", f"{pruner.get('type')!r} must be one of {_PRUNERS}")
+    objectives = _objectives(path, doc.get("objective"))
+    pruner = _pruner(path, doc.get("pruner"), objectives)
+    promotion = _promotion(path, doc.get("promotion"))
+    _check_can_evaluate(path, family, base, objectives, promotion)
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
         raise _fail(path, "description", "a short description is required")
     return StudySpec(name=path.stem, path=path, description=description.strip(), family=family, base=base,
-                     space=space, metric=metric, direction=direction, pruner=pruner,
+                     space=space, objectives=objectives, pruner=pruner, promotion=promotion,
                      budget=_budget(path, "budget", doc.get("budget"), Budget(20, 30, 128)),
                      demo_budget=_budget(path, "demo_budget", doc.get("demo_budget"), Budget(3, 2, 32)))

@@ -1,4 +1,5 @@
-"""Registry against a local SQLite store: register (verified, model card), promote (compare-and-set), CLI."""
+"""Registry against a local SQLite store: register (verified, model card), promote (compare-and-set, promotion
+rules with `require` conditions), CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_testlib import log_untrained_model
-from mrigen.registry import (CHAMPION, RegistryError, list_models, promote_if_better, register, show,
-                             verify_model_artifacts)
+from mrigen.registry import (CHAMPION, PromotionRule, RegistryError, list_models, promote_if_better, register,
+                             show, verify_model_artifacts)
 from mrigen.registry.__main__ import main as registry_cli
 from mrigen.registry.core import CANDIDATE_TAG, _converge
 
@@ -148,3 +149,90 @@ def test_cli_server_down_is_one_line_without_secrets(capsys):
     assert registry_cli(["--tracking-uri", f"http://u:pw-secret@127.0.0.1:{port}", "list"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach" in err and "pw-secret" not in err
+
+
+# -- promotion rules: a metric plus `require` conditions (see mrigen.registry.rule) --------------------------------
+RULE = PromotionRule.parse({"metric": "val_fd_ratio", "require": {"val_ssim": ">= 0.6", "val_memorised": "<= 0.05"}})
+
+
+@pytest.fixture(scope="module")
+def sample_runs(sqlite_uri):
+    """Runs whose final evaluation recorded sample metrics: (fd_ratio, ssim, memorised) per run."""
+    values = [(2.0, 0.7, 0.0), (1.5, 0.7, 0.3), (1.2, 0.4, 0.0), (2.5, 0.8, 0.0), (1.8, 0.65, 0.01)]
+    return [log_untrained_model(sqlite_uri, "registry-rule-tests", seed=i,
+                                metrics={"final_fd_ratio": f, "final_ssim": s, "final_memorised": m})
+            for i, (f, s, m) in enumerate(values)]
+
+
+def _register(run, name, value, rule=RULE):
+    return register(run, name, metric=rule.metric, value=value, greater_is_better=rule.greater_is_better,
+                    require=rule.require)
+
+
+def test_register_records_the_rule_and_the_sample_metrics(tracking_env, sample_runs):
+    v = _register(sample_runs[0], "rule-card", 2.0)
+    mv = MlflowClient(tracking_env, registry_uri=tracking_env).get_model_version("rule-card", v)
+    assert mv.tags["mrigen.metric"] == "val_fd_ratio" and float(mv.tags["mrigen.metric_value"]) == 2.0
+    assert mv.tags["mrigen.greater_is_better"] == "False"
+    assert json.loads(mv.tags["mrigen.require"]) == {"val_memorised": "<= 0.05", "val_ssim": ">= 0.6"}
+    assert mv.tags["metric.final_fd_ratio"] == repr(2.0) and mv.tags["metric.final_memorised"] == repr(0.0)
+    assert "`val_ssim >= 0.6`" in mv.description
+
+
+def test_a_version_that_fails_require_is_never_champion(tracking_env, sample_runs):
+    name = "rule-require"
+    ok = _register(sample_runs[0], name, 2.0)
+    copies = _register(sample_runs[1], name, 1.5)           # better fd_ratio, but memorised 0.3
+    blurry = _register(sample_runs[2], name, 1.2)           # best fd_ratio, but ssim 0.4
+    assert promote_if_better(name, ok)
+    for v, needle in ((copies, "val_memorised=0.3 fails <= 0.05"), (blurry, "val_ssim=0.4 fails >= 0.6")):
+        with pytest.raises(RegistryError, match=needle):
+            promote_if_better(name, v)                      # the rule recorded at registration applies
+    assert _champion(tracking_env, name) == ok
+    client = MlflowClient(tracking_env, registry_uri=tracking_env)
+    client.set_model_version_tag(name, copies, CANDIDATE_TAG, "true")   # a stray candidate mark (e.g. the UI)
+    assert _converge(client, name, RULE.metric, False, RULE.require) == ok
+    assert promote_if_better(name, copies, force=True)                  # --force still overrides
+    assert _champion(tracking_env, name) == copies
+
+
+def test_a_champion_failing_a_newer_rule_is_replaced_even_by_a_worse_score(tracking_env, sample_runs):
+    name = "rule-newer"
+    lax = PromotionRule.parse({"metric": "val_fd_ratio"})
+    old = _register(sample_runs[1], name, 1.5, rule=lax)    # champion under a rule without require
+    assert promote_if_better(name, old)
+    new = _register(sample_runs[0], name, 2.0)              # worse fd_ratio, meets the stricter rule
+    assert promote_if_better(name, new)
+    assert _champion(tracking_env, name) == new
+    better = _register(sample_runs[4], name, 1.8)
+    assert promote_if_better(name, better) and _champion(tracking_env, name) == better
+
+
+def test_a_champion_ranked_on_another_metric_is_compared_through_its_recorded_value(tracking_env, sample_runs):
+    name = "rule-switch"
+    old = register(sample_runs[4], name, metric="val_ssim", value=0.65, greater_is_better=True)
+    assert promote_if_better(name, old)
+    worse = _register(sample_runs[3], name, 2.5)            # fd_ratio 2.5 vs the champion's recorded 1.8
+    assert not promote_if_better(name, worse)
+    better = _register(sample_runs[0], name, 2.0)
+    assert not promote_if_better(name, better)
+    assert _champion(tracking_env, name) == old
+    bare = register(sample_runs[0], "rule-bare", metric="val_ssim", value=0.5, greater_is_better=True)
+    assert promote_if_better("rule-bare", bare)
+    v = register(sample_runs[3], "rule-bare", metric="val_precision", value=0.5, greater_is_better=True)
+    with pytest.raises(RegistryError, match="ranked on 'val_ssim' and recorded no 'val_precision'"):
+        promote_if_better("rule-bare", v)
+
+
+def test_cli_promote_with_require(tracking_env, sample_runs, capsys):
+    name = "rule-cli"
+    v1 = register(sample_runs[0], name, metric="val_fd_ratio", value=2.0, greater_is_better=False)
+    v2 = register(sample_runs[1], name, metric="val_fd_ratio", value=1.5, greater_is_better=False)
+    assert registry_cli(["promote", name, v1]) == 0
+    capsys.readouterr()                                     # registering prints download progress
+    assert registry_cli(["promote", name, v2, "--require", "val_memorised<=0.05"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "val_memorised=0.3 fails <= 0.05" in err
+    assert registry_cli(["promote", name, v2, "--require", "val_memorised at most 0.05"]) == 1
+    assert "expected METRIC OP VALUE" in capsys.readouterr().err
+    assert registry_cli(["promote", name, v2]) == 0 and _champion(tracking_env, name) == v2

@@ -1,10 +1,16 @@
-"""Fixtures for tuning tests: a tiny study file and a small demo store (32x32 slices)."""
+"""Fixtures for tuning tests: a tiny study file, a small demo store (32x32 slices), a local SQLite MLflow store
+and a fake final evaluation (`fake_eval`) whose sample metrics the test chooses."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
+from mlflow_testlib import sqlite_uri, tracking_env  # noqa: E402,F401
 
 TINY_STUDY = """
 description: tiny VAE study for tests
@@ -33,3 +39,26 @@ def tiny_study(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(textwrap.dedent(TINY_STUDY))
     return path
+
+
+@pytest.fixture
+def fake_eval(monkeypatch):
+    """Replace `mrigen.metrics.evaluate` (what `train` calls at the end) by a fake that returns the next dict of
+    the list the test sets (`fake_eval.results = [...]`), filled up with plausible values; trials of one
+    in-process worker run in order, so result i belongs to trial i."""
+
+    class Fake:
+        results: list[dict] = []
+        calls = 0
+
+        def __call__(self, model, store, split="val", **kwargs):
+            base = {"ssim": 0.5, "psnr": 20.0, "fd": 1.0, "fd_real": 0.5, "fd_ratio": 2.0, "precision": 0.6,
+                    "recall": 0.5, "precision_real": 0.7, "recall_real": 0.7, "diversity": 0.3,
+                    "diversity_real": 0.3, "memorised": 0.0}
+            out = {**base, **(self.results[self.calls] if self.calls < len(self.results) else {})}
+            self.calls += 1
+            return {k: v for k, v in out.items() if v is not None}
+
+    fake = Fake()
+    monkeypatch.setattr("mrigen.metrics.evaluate", fake)
+    return fake

@@ -7,9 +7,10 @@ import textwrap
 import pytest
 
 from mrigen.train.configs import build_configs
-from mrigen.tune.study import StudyFileError, list_studies, load_study
+from mrigen.registry.rule import DEFAULT_RULE, is_sample_metric
+from mrigen.tune.study import Objective, StudyFileError, list_studies, load_study
 
-REQUIRED = {"vae-kernels", "vae-latent", "vae-depth", "vqvae-codebook", "thesis-replica"}
+REQUIRED = {"vae-kernels", "vae-latent", "vae-depth", "vqvae-codebook", "thesis-replica", "vae-quality", "vqvae-grid"}
 
 
 def test_required_studies_ship():
@@ -48,8 +49,82 @@ search_space:
 
 def test_minimal_study_gets_defaults(tmp_path):
     spec = load_study(write(tmp_path, GOOD))
-    assert spec.metric == "val_ssim" and spec.direction == "maximize"
+    assert spec.metric == "val_ssim" and spec.direction == "maximize" and not spec.multi_objective
     assert spec.demo_budget.trials >= 1
+    assert (spec.pruner.type, spec.pruner.metric) == ("median", "val_ssim")
+    assert spec.promotion == DEFAULT_RULE and (spec.promotion.metric, spec.promotion.direction) == (
+        "val_fd_ratio", "minimize")
+
+
+def test_every_shipped_study_selects_for_generation():
+    """Every promotion rule looks at samples; every objective but the thesis replica's includes a sample metric."""
+    for name in list_studies():
+        spec = load_study(name)
+        assert spec.promotion.looks_at_samples, name
+        if name != "thesis-replica":
+            assert any(is_sample_metric(m) for m in spec.metrics), name
+        assert "prior_epochs" not in spec.path.read_text(), name
+
+
+def test_sample_objective_prunes_on_a_per_epoch_metric_reported_the_study_way(tmp_path):
+    spec = load_study(write(tmp_path, GOOD + "objective: {metric: val_fd_ratio, direction: minimize}\n"))
+    assert spec.objectives == (Objective("val_fd_ratio", "minimize"),) and spec.objectives[0].final_only
+    assert (spec.pruner.metric, spec.pruner.direction) == ("val_ssim", "maximize")   # negated when reported
+    assert load_study(write(tmp_path, GOOD + "objective: {metric: val_fd_ratio}\n")).direction == "minimize"
+
+
+def test_multi_objective_study(tmp_path):
+    body = GOOD + textwrap.dedent("""
+        objective:
+          - {metric: val_fd_ratio, direction: minimize}
+          - {metric: val_ssim, direction: maximize}
+        pruner: {type: none}
+        promotion: {metric: val_fd_ratio, require: {val_ssim: ">= 0.6", val_memorised: "<= 0.05"}}
+        """)
+    spec = load_study(write(tmp_path, body))
+    assert spec.multi_objective and spec.metrics == ("val_fd_ratio", "val_ssim")
+    assert spec.directions == ["minimize", "maximize"] and spec.pruner.type == "none"
+    assert [str(c) for c in spec.promotion.require] == ["val_ssim >= 0.6", "val_memorised <= 0.05"]
+    no_pruner = body.replace("pruner: {type: none}\n", "")
+    assert load_study(write(tmp_path, no_pruner)).pruner.type == "none"
+
+
+def test_promotion_on_a_reconstruction_metric_gated_by_samples_is_allowed(tmp_path):
+    spec = load_study(write(tmp_path, GOOD + "promotion: {metric: val_ssim, require: {val_fd_ratio: '<= 3'}}\n"))
+    assert spec.promotion.greater_is_better and spec.promotion.looks_at_samples
+
+
+MULTI = GOOD + "objective: [{metric: val_fd_ratio, direction: minimize}, {metric: val_ssim, direction: maximize}]\n"
+
+
+@pytest.mark.parametrize("body,key", [
+    (GOOD + "objective: {metric: val_fd_ratio, direction: maximize}\n", "objective.direction"),
+    (GOOD + "objective: {metric: val_fd_real}\n", "objective.metric"),
+    (GOOD + "objective: [{metric: val_ssim}, {metric: val_ssim}]\n", "objective"),
+    (GOOD + "objective: [{metric: val_ssim}, {metric: fd}]\n", "objective[1].metric"),
+    (GOOD + "objective: []\n", "objective"),
+    (MULTI + "pruner: {type: median}\n", "pruner.type"),
+    (GOOD + "pruner: {type: median, metric: val_fd_ratio}\n", "pruner.metric"),
+    (GOOD + "pruner: {type: median, metric: val_ssim, direction: minimize}\n", "pruner.direction"),
+    (GOOD + "pruner: {type: median, metric: val_custom}\n", "pruner.direction"),
+    (GOOD + "pruner: {type: median, n_warmup_steps: -1}\n", "pruner"),
+    (GOOD + "promotion: {metric: val_ssim}\n", "promotion.metric"),
+    (GOOD + "promotion: {metric: val_ssim, require: {val_psnr: '>= 20'}}\n", "promotion.metric"),
+    (GOOD + "promotion: {metric: val_fd_ratio, direction: maximize}\n", "promotion.direction"),
+    (GOOD + "promotion: {metric: val_fd_ratio, require: {val_ssim: 'at least 0.6'}}\n", "promotion.require.val_ssim"),
+    (GOOD + "promotion: {metric: val_fd_ratio, require: {val_fd_real: '<= 1'}}\n", "promotion.require.val_fd_real"),
+    (GOOD + "promotion: {metric: val_fd_ratio, require: [val_ssim]}\n", "promotion.require"),
+    (GOOD + "promotion: {metric: val_fd_ratio, when: always}\n", "promotion.when"),
+    (GOOD + "promotion: val_fd_ratio\n", "promotion"),
+    (GOOD + "base: {train: {final_eval: false}}\n", "base.train.final_eval"),
+    (GOOD.replace("family: vae", "family: vqvae") + "base: {train: {prior_steps: 0}}\n", "base.train.prior_steps"),
+])
+def test_bad_objective_pruner_or_promotion_names_file_and_key(tmp_path, body, key):
+    path = write(tmp_path, body)
+    with pytest.raises(StudyFileError) as err:
+        load_study(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}: ") and "\n" not in message, message
 
 
 @pytest.mark.parametrize("body,key", [

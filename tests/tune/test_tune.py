@@ -1,4 +1,6 @@
-"""`python -m mrigen.tune`: studies complete, trials are child runs, the best model is the champion."""
+"""`python -m mrigen.tune`: studies complete, trials are child runs, the promotion rule picks the champion, multi-
+objective studies log their Pareto front. The final evaluation is faked (`fake_eval`) where sample metrics
+decide the outcome; the CLI's argument errors run in a subprocess."""
 
 from __future__ import annotations
 
@@ -21,22 +23,73 @@ def tune(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
                           text=True, timeout=timeout)
 
 
-def test_three_trial_study_on_sqlite_then_generate(tiny_study, tune_store, tmp_path):
+def run_main(args: list[str], monkeypatch) -> int:
+    """`python -m mrigen.tune ARGS` in this process (so `fake_eval` applies), on the embedded local stores."""
+    from mrigen.tune.__main__ import main
+
+    for var in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    return main(args)
+
+
+def test_three_trial_study_on_sqlite_then_generate(tiny_study, tune_store, tmp_path, fake_eval, capsys, monkeypatch):
+    """Objective val_ssim, default promotion rule (minimise val_fd_ratio): the champion is the trial with the best
+    fd_ratio, not the one with the best SSIM; the summary shows the sample-quality columns."""
+    fake_eval.results = [{"ssim": 0.6, "fd_ratio": 2.5}, {"ssim": 0.7, "fd_ratio": 2.9, "precision": 0.8},
+                         {"ssim": 0.5, "fd_ratio": 1.9}]
     work = tmp_path / "work"
-    proc = tune(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work)], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "demo budget, 3 trials x 1 epochs at 32px" in proc.stdout
-    assert "models:/mrigen-tiny@champion" in proc.stdout
+    assert run_main(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work)],
+                    monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "demo budget, 3 trials x 1 epochs at 32px" in out
+    assert "models:/mrigen-tiny@champion" in out
     storage, tracking = f"sqlite:///{work}/optuna.db", f"sqlite:///{work}/mlflow.db"
     check_study(storage, tracking, "tiny", 3)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    champion = MlflowClient(tracking, registry_uri=tracking).get_model_version_by_alias("mrigen-tiny", "champion")
+    assert study.best_trial.number == 1 and champion.tags["optuna.trial_number"] == "2"
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("trial"))
+    assert header.split()[:9] == ["trial", "state", "val_ssim", "fd_ratio", "precision", "recall", "memorised",
+                                  "rule", "seconds"]
+    assert "held-out recon: SSIM 0.500" in out and "fd_ratio 1.900" in out
     gen = subprocess.run([sys.executable, "-m", "mrigen.generate", "--model", "models:/mrigen-tiny@champion",
                           "-n", "4", "--out", str(tmp_path / "synthetic"), "--tracking-uri", tracking],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert len(list((tmp_path / "synthetic").glob("*.png"))) == 4
 
-    again = tune(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work)], tmp_path)
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert run_main(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work)],
+                    monkeypatch) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_stored_study_of_another_objective_is_refused(tiny_study, tune_store, tmp_path, fake_eval, capsys,
+                                                        monkeypatch):
+    work = tmp_path / "work"
+    args = ["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work), "--n-trials", "1",
+            "--no-tracking"]
+    assert run_main(args, monkeypatch) == 0
+    tiny_study.write_text(tiny_study.read_text().replace("objective: {metric: val_ssim, direction: maximize}",
+                                                         "objective: {metric: val_fd_ratio, direction: minimize}"))
+    assert run_main(args, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "created to optimise val_ssim (maximize)" in err[0]
+    assert f"{tiny_study} now optimises val_fd_ratio (minimize)" in err[0]
+
+
+def test_a_trial_without_the_promotion_metric_fails_with_its_name(tiny_study, tune_store, tmp_path, fake_eval,
+                                                                  capsys, monkeypatch):
+    """A model whose final evaluation has no sample metrics (e.g. a VQ-VAE that cannot sample) fails clearly."""
+    fake_eval.results = [{"fd": None, "fd_real": None, "fd_ratio": None, "precision": None, "recall": None,
+                          "memorised": None}]
+    work = tmp_path / "work"
+    assert run_main(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work),
+                     "--n-trials", "1", "--no-tracking"], monkeypatch) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{work}/optuna.db")
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"].startswith("promotion rule needs val_fd_ratio, which this model's")
+    assert f"trial 0 failed: {trial.user_attrs['fail_reason']}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -61,21 +114,25 @@ def test_bad_study_file_is_one_clear_line(tmp_path, tune_store):
     assert proc.stderr.strip().startswith("error:") and "search_space.train.lr" in proc.stderr
 
 
-def test_pruning_stops_a_bad_trial_early(tune_store, tmp_path):
+@pytest.mark.parametrize("objective", ["{metric: val_ssim, direction: maximize}",
+                                       "{metric: val_fd_ratio, direction: minimize}"])
+def test_pruning_stops_a_bad_trial_early(tune_store, tmp_path, fake_eval, objective):
+    """Pruned on val_ssim per epoch; in a study minimising fd_ratio the pruner must still drop the low-SSIM trial."""
     from mrigen.tune.runner import TuneOptions, run_worker
     from mrigen.tune.study import load_study
 
     path = tmp_path / "prune.yaml"
     path.write_text(
         "description: deliberately bad learning-rate region\nfamily: vae\n"
-        "base: {model: {blocks: 3}, train: {batch_size: 16, grid_every: 0, final_eval: false}}\n"
+        "base: {model: {blocks: 3}, train: {batch_size: 16, grid_every: 0}}\n"
         "search_space: {train.lr: {type: categorical, choices: [0.002, 1.0e-9]}}\n"
-        "pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}\n"
+        f"objective: {objective}\n"
+        "pruner: {type: median, metric: val_ssim, n_startup_trials: 1, n_warmup_steps: 0}\n"
         "demo_budget: {trials: 2, epochs: 4, image_size: 32}\n")
     spec = load_study(path)
     opts = TuneOptions(study=str(path), storage=f"sqlite:///{tmp_path}/o.db",
                        tracking_uri=f"sqlite:///{tmp_path}/m.db", work_dir=tmp_path)
-    study = optuna.create_study(study_name=spec.name, storage=opts.storage, direction="maximize")
+    study = optuna.create_study(study_name=spec.name, storage=opts.storage, direction=spec.direction)
     study.enqueue_trial({"train.lr": 0.002})
     study.enqueue_trial({"train.lr": 1.0e-9})
     study = run_worker(spec, opts, tune_store, parent_run_id=None)
@@ -84,3 +141,61 @@ def test_pruning_stops_a_bad_trial_early(tune_store, tmp_path):
     assert bad.state == TrialState.PRUNED and len(bad.intermediate_values) < 4
     run = MlflowClient(opts.tracking_uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
+
+
+MULTI_STUDY = """
+description: tiny multi-objective study for tests
+family: vae
+base:
+  model: {blocks: 3}
+  train: {batch_size: 16, grid_every: 0}
+search_space:
+  train.lr: {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
+objective:
+  - {metric: val_fd_ratio, direction: minimize}
+  - {metric: val_ssim, direction: maximize}
+pruner: {type: none}
+promotion: {metric: val_fd_ratio, direction: minimize, require: {val_memorised: "<= 0.05"}}
+demo_budget: {trials: 3, epochs: 1, image_size: 32}
+"""
+
+
+def test_multi_objective_study_logs_its_pareto_front_and_promotes_by_the_rule(tune_store, tmp_path, fake_eval,
+                                                                              capsys, monkeypatch):
+    """Trial 1 has the best fd_ratio but copies training slices: it is on the Pareto front yet never registered;
+    trial 0 meets the rule and is champion; trial 2 (best SSIM) is on the front but ranks below trial 0."""
+    fake_eval.results = [{"fd_ratio": 2.0, "ssim": 0.5}, {"fd_ratio": 1.5, "ssim": 0.7, "memorised": 0.2},
+                         {"fd_ratio": 3.0, "ssim": 0.8}]
+    path = tmp_path / "multi.yaml"
+    path.write_text(MULTI_STUDY)
+    work = tmp_path / "work"
+    assert run_main(["--study", str(path), "--data", str(tune_store.path), "--work-dir", str(work)], monkeypatch) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="multi", storage=f"sqlite:///{work}/optuna.db")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.values for t in trials] == [[2.0, 0.5], [1.5, 0.7], [3.0, 0.8]]
+    assert {t.number for t in study.best_trials} == {1, 2}
+    assert trials[1].user_attrs["promotion"]["failures"] == ["val_memorised=0.2 fails <= 0.05"]
+
+    tracking = f"sqlite:///{work}/mlflow.db"
+    client = MlflowClient(tracking, registry_uri=tracking)
+    champion = client.get_model_version_by_alias("mrigen-multi", "champion")
+    assert champion.run_id == trials[0].user_attrs["mlflow_run_id"]
+    assert champion.tags["mrigen.metric"] == "val_fd_ratio" and float(champion.tags["mrigen.metric_value"]) == 2.0
+    registered = {v.run_id for v in client.search_model_versions("name = 'mrigen-multi'")}
+    assert trials[1].user_attrs["mlflow_run_id"] not in registered
+
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    files = {f.path for f in client.list_artifacts(parent, "study")}
+    assert {"study/pareto_front.json", "study/pareto_front.csv", "study/pareto_front.png"} <= files
+    table = client.download_artifacts(parent, "study/pareto_front.csv", str(tmp_path))
+    rows = Path(table).read_text().splitlines()
+    assert rows[0] == "trial,val_fd_ratio,val_ssim,train.lr" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert client.get_run(parent).data.metrics["n_pareto"] == 2
+
+    assert "Pareto front (2 trials; val_fd_ratio minimize, val_ssim maximize):" in out
+    assert "trial 1 does not meet the promotion rule: val_memorised=0.2 fails <= 0.05" in out
+    assert "trial 0 ranks first under the promotion rule" in out
+    assert "held-out recon: SSIM 0.500" in out and "fd_ratio 2.000" in out
+    assert "demo targets (ssim >= 0.75, fd_ratio <= 3): NOT met: ssim 0.5 misses >= 0.75" in out

@@ -26,13 +26,22 @@ description: {description}
 family: vae
 base:
   model: {{blocks: 3}}
-  train: {{batch_size: 16, grid_every: 0, final_eval: false}}
+  train: {{batch_size: 16, grid_every: 0, eval_samples: 32}}
 search_space:
   train.lr: {{type: float, low: 5.0e-4, high: 3.0e-3, log: true}}
 objective: {{metric: val_ssim, direction: maximize}}
 pruner: {{type: none}}
+promotion: {{metric: val_fd_ratio, direction: minimize}}
 demo_budget: {{trials: {trials}, epochs: {epochs}, image_size: 32}}
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def feature_net(tune_store):
+    """Train the store's feature network (for the final evaluation's sample metrics) once, before workers race."""
+    from mrigen.metrics import get_feature_net
+
+    get_feature_net(tune_store)
 
 
 def write_study(path, name, trials, epochs):
@@ -65,7 +74,7 @@ def test_two_workers_share_one_postgres_study(stack, tune_store, tmp_path):
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(children) == len(loaded.trials)
-    # the champion is the best trial's model, and it generates slices (PostgreSQL + S3 + MLflow server)
+    # the champion is the trial the promotion rule ranks first, and it generates slices (PostgreSQL + S3 + MLflow)
     check_study(stack.client_env()["OPTUNA_STORAGE"], stack.tracking_uri, "two-workers", 4)
     gen = subprocess.run([sys.executable, "-m", "mrigen.generate", "--model", "models:/mrigen-two-workers@champion",
                           "-n", "3", "--out", str(tmp_path / "synthetic"), "--tracking-uri", stack.tracking_uri],

@@ -7,6 +7,13 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 
+def best_by_rule(study: optuna.Study, champion_tags: dict):
+    """The completed trial that meets the promotion rule and ranks first on its metric (ties: lower number)."""
+    sign = 1.0 if champion_tags["mrigen.greater_is_better"] == "True" else -1.0
+    ok = [t for t in study.trials if t.state == TrialState.COMPLETE and not t.user_attrs["promotion"]["failures"]]
+    return min(ok, key=lambda t: (-sign * t.user_attrs["promotion"]["value"], t.number))
+
+
 def check_study(storage: str, tracking: str, study_name: str, n: int) -> None:
     study = optuna.load_study(study_name=study_name, storage=storage)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -18,8 +25,7 @@ def check_study(storage: str, tracking: str, study_name: str, n: int) -> None:
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) >= n
     assert all(r.info.status != "RUNNING" for r in children)
-    best = study.best_trial
     champion = client.get_model_version_by_alias(f"mrigen-{study_name}", "champion")
-    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    assert champion.run_id == best_by_rule(study, champion.tags).user_attrs["mlflow_run_id"]
     parent = client.get_run(parent_id)
     assert parent.data.metrics["n_complete"] >= 1 and parent.info.status == "FINISHED"
