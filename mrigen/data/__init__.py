@@ -8,7 +8,7 @@
 Training code uses :class:`SliceStore` (``SliceStore.open(path)``) and :func:`build_demo_store`.
 """
 
-from mrigen.data.build import build_demo_store
+from mrigen.data.build import DEMO_SUBJECTS, build_demo_store
 from mrigen.data.config import IngestConfig
 from mrigen.data.demo import make_demo_cohort
 from mrigen.data.fetch import FetchError, fetch_ixi
@@ -18,5 +18,5 @@ from mrigen.data.verify import SourceChanges, verify_sources
 
 __all__ = [
     "IngestConfig", "SliceStore", "StoreError", "IngestError", "FetchError",
-    "ingest", "make_demo_cohort", "build_demo_store", "fetch_ixi", "SourceChanges", "verify_sources",
+    "ingest", "make_demo_cohort", "build_demo_store", "DEMO_SUBJECTS", "fetch_ixi", "SourceChanges", "verify_sources",
 ]

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mrigen.data.build import DEMO_SUBJECTS
 from mrigen.data.config import INGEST_MODALITIES, SIZES, IngestConfig
 from mrigen.data.demo import make_demo_cohort
 from mrigen.data.fetch import IXI_DEMOGRAPHICS_URL, IXI_URLS, FetchError, fetch_ixi
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="write a generated IXI-like cohort (MNI152-based brains, no download)")
     demo.add_argument("--out", type=Path, required=True, help="output directory")
-    demo.add_argument("--subjects", type=int, default=24, help="number of subjects, sites balanced (default 24)")
+    demo.add_argument("--subjects", type=int, default=DEMO_SUBJECTS,
+                      help=f"number of subjects, sites balanced (default {DEMO_SUBJECTS})")
     demo.add_argument("--seed", type=int, default=0, help="random seed; same seed, same cohort (default 0)")
     demo.add_argument("--modality", choices=INGEST_MODALITIES, default="T1", help="contrast and grid (default T1)")
     demo.add_argument("--voxel-scale", type=int, default=1,

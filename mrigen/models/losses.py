@@ -96,10 +96,9 @@ def recon_nll(recon: torch.Tensor, x: torch.Tensor, kind: str = "mse", *, sigma:
     else:
         if sigma == "optimal":  # maximum-likelihood scale of the batch, no gradient (its derivative is 0 there)
             m = err.mean().detach().clamp_min(1e-12)
-            raw = 0.5 * torch.log(m) if kind == "mse" else torch.log(m)
-        else:
-            raw = log_sigma.float()
-        log_s = MIN_LOG_SIGMA + torch.nn.functional.softplus(raw - MIN_LOG_SIGMA)
+            log_s = (0.5 * torch.log(m) if kind == "mse" else torch.log(m)).clamp_min(MIN_LOG_SIGMA)
+        else:  # soft bound keeps a gradient below it
+            log_s = MIN_LOG_SIGMA + torch.nn.functional.softplus(log_sigma.float() - MIN_LOG_SIGMA)
         weight = 0.5 * torch.exp(-2.0 * log_s) if kind == "mse" else torch.exp(-log_s)
     per_image = (err * weight).sum(dim=(1, 2, 3)) + x[0].numel() * log_s  # (B,)
     if ssim_weight > 0:

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-import pytest
 import math
 
+import pytest
 import torch
 
 from mrigen.train import Hook, StopTraining, TrainConfig, train
