@@ -133,7 +133,7 @@ def resolve_model(spec: str, *, tracking_uri: str | None = None, device: str = "
     from mrigen.registry import describe_model_uri, verify_downloaded
     from mrigen.tracking.client import TrackingError, error_line, make_client, redact, use_tracking_uri
 
-    client, uri = make_client(tracking_uri, announce=False)
+    client, uri = make_client(tracking_uri, announce=False, read_only=True)
     meta = describe_model_uri(client, spec)           # name/version/run_id/tags; TrackingError when unknown
     dst = Path(tempfile.mkdtemp(prefix="mrigen-pull-", dir=work_dir))
     try:
@@ -398,7 +398,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="slices per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, "
-                                          "else sqlite:///mlflow.db in the working directory)")
+                                          "else ./mrigen-work/mlflow.db, where `python -m mrigen.tune` tracks by default)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (and discard an interrupted OUT.partial/ unless --resume)")
     p.add_argument("--resume", action="store_true",

@@ -22,7 +22,8 @@ __all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "redact", "redact_uri", "res
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"   # embedded default: SQLite file in the working directory
+DEFAULT_WORK_DIR = "mrigen-work"   # `python -m mrigen.tune`'s default --work-dir, relative to the working directory
+DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_WORK_DIR}/mlflow.db"   # embedded default: where tune tracks by default
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
                "MRIGEN_S3_SECRET_KEY", "MRIGEN_S3_ACCESS_KEY", "MRIGEN_PG_PASSWORD")
@@ -55,20 +56,29 @@ def redact_uri(uri: str) -> str:
     return redact(uri)
 
 
-def resolve_tracking_uri(uri: str | None = None, *, announce: bool = True) -> str:
-    """Pick the tracking URI: the argument, else `MLFLOW_TRACKING_URI`, else the embedded SQLite default.
+def resolve_tracking_uri(uri: str | None = None, *, announce: bool = True, read_only: bool = False) -> str:
+    """Pick the tracking URI: the argument, else `MLFLOW_TRACKING_URI`, else the embedded SQLite default, the
+    store `python -m mrigen.tune` writes by default (`./mrigen-work/mlflow.db`), so every command finds it.
 
     Args:
         uri: explicit URI (e.g. from `--tracking-uri`); empty strings count as unset.
         announce: when falling back to the embedded default, print how to open the UI on it.
+        read_only: the caller only reads (e.g. pulls a model): refuse a default store that does not exist instead
+            of letting MLflow create an empty one.
 
     Returns:
         The URI to use (the embedded default is made absolute so that it survives `cd`).
+
+    Raises:
+        TrackingError: `read_only` and the default store does not exist.
     """
     chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if chosen:
         return chosen
-    path = Path.cwd() / "mlflow.db"
+    path = Path.cwd() / DEFAULT_WORK_DIR / "mlflow.db"
+    if read_only and not path.is_file():
+        raise TrackingError(f"no tracking store at {path} (the default that `python -m mrigen.tune` writes): run "
+                            "a study first, or set MLFLOW_TRACKING_URI / --tracking-uri")
     chosen = f"sqlite:///{path}"
     if announce:
         print(f"mrigen: tracking to the local store {chosen} (set MLFLOW_TRACKING_URI or --tracking-uri to use a "
@@ -119,8 +129,10 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
                             f"{resp.status_code} on the experiments API)")
 
 
-def make_client(uri: str | None = None, *, check: bool = True, announce: bool = True) -> tuple[MlflowClient, str]:
-    """Resolve the URI, check it, and build an `MlflowClient` for tracking and the registry.
+def make_client(uri: str | None = None, *, check: bool = True, announce: bool = True,
+                read_only: bool = False) -> tuple[MlflowClient, str]:
+    """Resolve the URI (see `resolve_tracking_uri`), check it, and build an `MlflowClient` for tracking and the
+    registry.
 
     Returns:
         (client, resolved URI).
@@ -128,7 +140,7 @@ def make_client(uri: str | None = None, *, check: bool = True, announce: bool = 
     Raises:
         TrackingError: see `check_tracking_uri`.
     """
-    resolved = resolve_tracking_uri(uri, announce=announce)
+    resolved = resolve_tracking_uri(uri, announce=announce, read_only=read_only)
     if check:
         check_tracking_uri(resolved)
     try:

@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
             cli_layer["train"]["epochs"] = args.epochs
         if args.device is not None:
             cli_layer["train"]["device"] = args.device
+        size_set = "image_size" in file_layer.get("model", {}) or "image_size" in cli_layer["model"]
+        if args.data != "demo" and not size_set:  # the store decides the image size unless the user does
+            store = _open_store(args.data, args.out, 0)
+            cli_layer["model"]["image_size"] = store.image_size
         model_cfg, train_cfg = build_configs(args.model, file_layer, cli_layer)
-        store = _open_store(args.data, args.out, model_cfg.image_size)
+        if args.data == "demo" or size_set:
+            store = _open_store(args.data, args.out, model_cfg.image_size)
     except (ValueError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -130,3 +130,16 @@ def test_tampered_download_is_refused(tracking_env, tmp_path):
 
     with pytest.raises(RegistryError, match="do not match the sha256"):
         resolve_model(f"models:/gen-tamper/{version}", device="cpu")
+
+
+def test_pulling_with_no_store_configured_names_the_default_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    from mrigen.tracking.client import DEFAULT_WORK_DIR
+    from mrigen.tune.__main__ import _parser as tune_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert str(tune_parser().parse_args(["--study", "vae-kernels"]).work_dir) == DEFAULT_WORK_DIR  # same place
+    code = main(["--model", "models:/mrigen-vae-kernels@champion", "-n", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0 and f"{DEFAULT_WORK_DIR}/mlflow.db" in err
+    assert not list(tmp_path.rglob("*.db"))                             # a read-only command created no store

@@ -162,7 +162,7 @@ def test_final_evaluation_reports_quality_metrics(demo_store):
 def test_cli_writes_metrics_model_grids_and_curves(demo_store, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mrigen.train", "--data", str(demo_store.path), "--model", "vae",
-           "--epochs", "2", "--out", str(out), "--set", "model.image_size=32", "--set", "model.blocks=3",
+           "--epochs", "2", "--out", str(out), "--set", "model.blocks=3",           # image size from the store
            "--set", "train.batch_size=16", "--set", "train.grid_every=1", "--set", "train.final_eval=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -172,6 +172,14 @@ def test_cli_writes_metrics_model_grids_and_curves(demo_store, tmp_path):
     assert (out / "loss_curves.png").is_file()
     assert (out / "grids" / "reconstruction_epoch_000.png").is_file()
     assert (out / "grids" / "samples_epoch_001.png").is_file()
+
+
+def test_cli_explicit_image_size_must_match_the_store(demo_store, tmp_path):
+    cmd = [sys.executable, "-m", "mrigen.train", "--data", str(demo_store.path), "--set", "model.image_size=64",
+           "--set", "model.blocks=3", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "image_size=64" in proc.stderr and "32x32" in proc.stderr
 
 
 def test_cli_bad_override_is_one_line_error(demo_store, tmp_path):
