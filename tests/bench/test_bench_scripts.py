@@ -39,3 +39,28 @@ def test_ingest_bench_prints_the_target_ratio(tmp_path):
     ratio = [line for line in text.splitlines() if line.startswith("ratio ingest / (bare / workers)")]
     assert len(ratio) == 1 and float(ratio[0].split(":")[1].split()[0]) > 0
     assert "ISA-L" in text and len(list((tmp_path / "cohort").glob("IXI*-T1.nii.gz"))) == 2
+
+
+def test_quality_bench_prints_the_table_and_checks_targets(tmp_path):
+    text = _run(str(BENCH / "quality.py"), "--mode", "cpu", "--subjects", "6", "--epochs", "1", "--prior-steps", "5",
+                "--samples", "20", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    rows = [line for line in text.splitlines() if line.startswith(("| vqvae |", "| vae |"))]
+    assert len(rows) == 2
+    assert any(line.startswith("vqvae target: psnr") for line in text.splitlines())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    for family in ("vqvae", "vae"):
+        assert {"ssim", "psnr", "fd_ratio", "memorised", "wall_s"} <= set(results[family]), family
+        assert (tmp_path / "out" / f"{family}.png").is_file()
+
+
+@pytest.mark.parametrize("family", ["vqvae", "vae"])
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_recommended_configs_build_for_every_mode(family, mode):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    model_cfg, train_cfg = quality.recommended(family, mode)
+    assert model_cfg.family == family and model_cfg.image_size == quality.MODES[mode]["size"]
+    assert train_cfg.final_eval and model_cfg.grid_size in (8, 16)

@@ -203,7 +203,10 @@ def test_study_interrupted_then_resumed(stack, mlflow_env: str, tmp_path: Path) 
                     for n, t in finished_before.items())
     redone = sum(len(trial_runs.get(str(n), [])) - 1 for n in finished_before)
     champion = client.get_model_version_by_alias(f"mrigen-{name}", "champion")
-    best = max(complete, key=lambda t: t.value)
+    # the champion is the study's promotion-rule pick: the trial that meets `require` and ranks first on its metric
+    sign = 1.0 if champion.tags["mrigen.greater_is_better"] == "True" else -1.0
+    eligible = [t for t in complete if not t.user_attrs["promotion"]["failures"]]
+    best = min(eligible, key=lambda t: (-sign * t.user_attrs["promotion"]["value"], t.number))
     interrupted = [t for n, t in before.items() if t.state == TrialState.FAIL]
     interrupted_run_status = [client.get_run(t.user_attrs["mlflow_run_id"]).info.status if "mlflow_run_id" in
                               t.user_attrs else next((r.info.status for r in trial_runs.get(str(t.number), [])), None)

@@ -1,0 +1,139 @@
+"""Generation-quality benchmark: train each family's recommended config on the demo store, evaluate, print one table.
+
+For each family (VQ-VAE, VAE) it trains `experiments/configs/<family>-recommended.yaml` with the mode's budget,
+runs the full evaluation on the held-out (val) subjects, writes the real / reconstruction / sample grid PNGs, and
+prints: held-out recon SSIM / PSNR / MS-SSIM, fd_ratio, precision / recall beside their real baselines, diversity
+beside real, memorised share and wall time, with the issue's targets beside each figure.
+
+    python bench/quality.py --mode cpu                 # 64 px on the CPU (target: <= 15 min for both families)
+    python bench/quality.py --mode gpu                 # 128 px on CUDA
+    python bench/quality.py --mode cpu --family vqvae --out /tmp/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mrigen.data import DEMO_SUBJECTS, build_demo_store
+from mrigen.train import train
+from mrigen.train.configs import build_configs, load_config_file
+from mrigen.train.images import make_grid
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+MODES = {"cpu": {"size": 64, "device": "cpu"}, "gpu": {"size": 128, "device": "cuda"}}
+# Budget per (mode, family), layered over the recipe in the config file (which holds the GPU budget). The CPU
+# prior is smaller: over a 16x16 grid the 128-wide prior costs ~2 s a step on one core.
+BUDGETS = {
+    ("cpu", "vqvae"): {"model": {"prior_channels": 64, "prior_layers": 3},
+                       "train": {"epochs": 8, "prior_steps": 1000, "prior_batch_size": 32, "early_stop_patience": 0}},
+    ("cpu", "vae"): {"train": {"epochs": 8, "early_stop_patience": 0}},
+    ("gpu", "vqvae"): {},
+    ("gpu", "vae"): {},
+}
+# (key, target, "min" if the figure must reach it from below, "max" if it must stay under it), per mode and family
+TARGETS = {
+    ("gpu", "vqvae"): [("psnr", 30.0, "min"), ("ssim", 0.92, "min")],
+    ("gpu", "vae"): [("ssim", 0.85, "min")],
+    ("cpu", "vqvae"): [("psnr", 27.0, "min"), ("ssim", 0.88, "min"), ("fd_ratio", 2.5, "max")],
+    ("cpu", "vae"): [],
+}
+SAMPLE_TARGETS = {"gpu": [("fd_ratio", 2.0, "max"), ("precision", 0.7, "min"), ("recall", 0.5, "min"),
+                          ("memorised", 0.0, "max")], "cpu": []}
+
+
+def recommended(family: str, mode: str):
+    """(ModelConfig, TrainConfig) of a family's recommended config with the mode's image size, device, budget."""
+    layers = load_config_file(CONFIGS / f"{family}-recommended.yaml")
+    budget = BUDGETS[(mode, family)]
+    budget_layer = {"model": {**budget.get("model", {}), "image_size": MODES[mode]["size"]},
+                    "train": {**budget.get("train", {}), "device": MODES[mode]["device"], "final_eval": True}}
+    return build_configs(family, layers, budget_layer)
+
+
+def check(metrics: dict[str, float], targets) -> list[str]:
+    """'met' / 'MISSED by X' per target."""
+    out = []
+    for key, target, kind in targets:
+        v = metrics.get(key)
+        if v is None:
+            out.append(f"{key}: not measured")
+            continue
+        ok = v >= target if kind == "min" else v <= target
+        out.append(f"{key} {v:.3f} {'>=' if kind == 'min' else '<='} {target}: "
+                   + ("met" if ok else f"MISSED by {abs(v - target):.3f}"))
+    return out
+
+
+def save_grids(model, store, out: Path, family: str) -> Path:
+    """Real val slices over their reconstructions, then two rows of samples: one PNG."""
+    val = store.tensor("val", next(model.parameters()).device)
+    idx = torch.linspace(0, len(val) - 1, 8).long()
+    samples = model.sample(16, generator=torch.Generator(device=val.device).manual_seed(0))
+    grid = make_grid([val[idx].float(), model.reconstruct(val[idx].float()), samples[:8], samples[8:]])
+    path = out / f"{family}.png"
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: 64 px on CPU; gpu: 128 px on CUDA")
+    p.add_argument("--family", choices=["vqvae", "vae"], action="append",
+                   help="family to run (repeatable; default both)")
+    p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS, help="demo cohort size")
+    p.add_argument("--work", type=Path, default=Path("bench-work"), help="demo store cache directory")
+    p.add_argument("--out", type=Path, default=Path("bench-work/quality"), help="grids and results.json")
+    p.add_argument("--epochs", type=int, help="override the mode's epochs (smoke runs)")
+    p.add_argument("--prior-steps", type=int, help="override the mode's VQ-VAE prior steps (smoke runs)")
+    p.add_argument("--samples", type=int, help="samples per evaluation (default: the metrics' default, 500)")
+    args = p.parse_args(argv)
+    mode = MODES[args.mode]
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = build_demo_store(args.work / f"demo-{mode['size']}", subjects=args.subjects, size=mode["size"],
+                             progress=False)
+    print(f"demo store: {args.subjects} subjects, {len(store.slices('train'))} train / "
+          f"{len(store.slices('val'))} held-out (val) slices at {mode['size']} px", flush=True)
+    rows = {}
+    for family in args.family or ["vqvae", "vae"]:
+        model_cfg, train_cfg = recommended(family, args.mode)
+        overrides = {"epochs": args.epochs, "prior_steps": args.prior_steps, "eval_samples": args.samples}
+        train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
+        t0 = time.perf_counter()
+        result = train(model_cfg, train_cfg, store, progress=False)
+        wall = time.perf_counter() - t0
+        m = dict(result.val_metrics, wall_s=wall, epochs=result.epochs_run)
+        grid = save_grids(result.model, store, args.out, family)
+        rows[family] = m
+        print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}", flush=True)
+    print()
+    cols = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("ms_ssim", "MS-SSIM"), ("fd_ratio", "fd_ratio"),
+            ("precision", "prec"), ("precision_real", "prec real"), ("recall", "recall"),
+            ("recall_real", "recall real"), ("diversity", "div"), ("diversity_real", "div real"),
+            ("memorised", "memorised"), ("wall_s", "wall s")]
+    print("| family | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for family, m in rows.items():
+        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k, "-")) for k, _ in cols]
+        print(f"| {family} | " + " | ".join(cells) + " |")
+    print()
+    for family, m in rows.items():
+        for line in check(m, TARGETS[(args.mode, family)]):
+            print(f"{family} target: {line}")
+    best = min(rows.items(), key=lambda kv: kv[1].get("fd_ratio", float("inf")))
+    for line in check(best[1], SAMPLE_TARGETS[args.mode]):
+        print(f"best sampler ({best[0]}) target: {line}")
+    (args.out / "results.json").write_text(json.dumps({"mode": args.mode, "subjects": args.subjects,
+                                                        "results": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
