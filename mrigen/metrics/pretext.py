@@ -1,4 +1,9 @@
-"""Pretext tasks the feature network learns from: targets from slice metadata, and input degradations."""
+"""Pretext tasks the feature network learns from: targets from slice metadata, and input degradations.
+
+The degradations are the ways generators fail (docs/METRICS.md): blur, noise, smooth intensity blotches inside
+the head, broken skull/scalp rims, transposed-convolution checkerboards and a washed-out interior. The feature
+network must say which one (if any) an input carries, so its features move when a sample shows one.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AuxTargets", "BLUR_SIGMA", "DEGRADATIONS", "NOISE_STD", "aux_targets", "degrade"]
+__all__ = ["AuxTargets", "BLOTCH_AMP", "BLUR_SIGMA", "CHECKER_AMP", "CONTRAST_GAIN", "DEGRADATIONS", "NOISE_STD",
+           "apply_degradation", "aux_targets", "degrade", "head_masks"]
 
-DEGRADATIONS = ("clean", "blur", "noise")   # class index = position in this tuple
-BLUR_SIGMA = (0.6, 2.0)     # Gaussian blur sigma range, in pixels of the feature net input
-NOISE_STD = (0.02, 0.10)    # additive Gaussian noise std range, intensity units (images in [0, 1])
+# Class index = position in this tuple.
+DEGRADATIONS = ("clean", "blur", "noise", "blotch", "rim", "checker", "contrast")
+BLUR_SIGMA = (0.4, 1.5)       # Gaussian blur sigma range, pixels of the feature net input
+NOISE_STD = (0.01, 0.06)      # additive Gaussian noise std range, intensity units (images in [0, 1])
+BLOTCH_AMP = (0.10, 0.35)     # peak intensity change of a blob (twice the std of a blotch field) in the head
+CHECKER_AMP = (0.02, 0.10)    # amplitude of the periodic 2x2 / 4x4 pattern
+CONTRAST_GAIN = (0.35, 0.75)  # interior contrast is multiplied by this (1 = unchanged)
+_FOREGROUND = 0.08            # intensity above which a pixel counts as head (background sits near 0)
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,127 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
+def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary erosion of a `(B, 1, H, W)` float mask by a square of side 2*radius+1 (separable)."""
+    k = 2 * radius + 1
+    grown = F.max_pool2d(1.0 - mask, (1, k), stride=1, padding=(0, radius))
+    return 1.0 - F.max_pool2d(grown, (k, 1), stride=1, padding=(radius, 0))
+
+
+def head_masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head, rim and interior masks of slices with a dark background.
+
+    The head is every pixel with foreground on all four sides along its row and column (a hole-free fill of the
+    thresholded image, exact for convex outlines); the rim is the outer band of the head, about 1/16 of the side
+    wide (the bright scalp and dark skull ring); the interior is the head without a band 1.5 times as wide.
+
+    Args:
+        x: `(B, 1, H, W)` in [0, 1].
+
+    Returns:
+        (head, rim, interior): `(B, 1, H, W)` float {0, 1} masks.
+    """
+    fg = (F.avg_pool2d(x.float(), 3, stride=1, padding=1, count_include_pad=False) > _FOREGROUND).float()
+    left, right = fg.cummax(-1).values, fg.flip(-1).cummax(-1).values.flip(-1)
+    up, down = fg.cummax(-2).values, fg.flip(-2).cummax(-2).values.flip(-2)
+    head = left * right * up * down
+    band = max(1, round(min(x.shape[-2:]) / 16))
+    rim = head * (1.0 - _erode(head, band))
+    interior = _erode(head, band + max(1, band // 2))
+    return head, rim, interior
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-image separable Gaussian blur: `(B, 1, H, W)`, sigma `(B,)` pixels -> `(B, 1, H, W)`."""
+    b, _, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g1 = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)       # (B, k)
+    g1 = (g1 / g1.sum(1, keepdim=True)).to(x.device)
+    padded = F.pad(x.reshape(1, b, h, w), (radius,) * 4, mode="replicate")          # (1, B, H+2r, W+2r)
+    rows = F.conv2d(padded, g1[:, None, None, :], groups=b)                          # (1, B, H+2r, W)
+    return F.conv2d(rows, g1[:, None, :, None], groups=b).reshape(b, 1, h, w)
+
+
+def _blotches(x: torch.Tensor, interior: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Smooth intensity offsets inside the head, `(B, 1, H, W)`: per image either 1-4 Gaussian blobs of random
+    sign, peak amplitude in BLOTCH_AMP (local blotches), or a smooth random field (white noise blurred at
+    1/12-1/6 of the side, std half of BLOTCH_AMP: patchy shading all over the brain)."""
+    b, _, h, w = x.shape
+    n_blobs = 4
+    yy = torch.linspace(0, 1, h)[None, None, :, None]
+    xx = torch.linspace(0, 1, w)[None, None, None, :]
+    cy, cx = _uniform(b * n_blobs, 0.25, 0.75, gen), _uniform(b * n_blobs, 0.25, 0.75, gen)
+    radius = _uniform(b * n_blobs, 0.04, 0.14, gen)
+    sign = 2 * torch.randint(0, 2, (b * n_blobs,), generator=gen) - 1
+    amp = _uniform(b * n_blobs, *BLOTCH_AMP, gen) * sign
+    keep = (torch.arange(n_blobs)[None, :] < torch.randint(1, n_blobs + 1, (b, 1), generator=gen)).reshape(-1)
+    shape = (b, n_blobs, 1, 1)
+    blobs = torch.exp(-((yy - cy.reshape(shape)) ** 2 + (xx - cx.reshape(shape)) ** 2)
+                      / (2 * radius.reshape(shape) ** 2))                    # (B, n_blobs, H, W)
+    local = (blobs * (amp * keep).reshape(shape)).sum(1, keepdim=True)       # (B, 1, H, W)
+    lo_h, lo_w = max(2, h // 4), max(2, w // 4)                             # smooth field: blur at 1/4 size
+    field = _blur(torch.randn(b, 1, lo_h, lo_w, generator=gen), _uniform(b, min(h, w) / 48, min(h, w) / 24, gen))
+    field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+    field = field / field.flatten(1).std(1).clamp_min(1e-8).reshape(b, 1, 1, 1)         # unit std
+    field = field * 0.5 * _uniform(b, *BLOTCH_AMP, gen).reshape(b, 1, 1, 1)
+    pick = (torch.rand(b, generator=gen) < 0.5).reshape(b, 1, 1, 1)
+    offset = torch.where(pick, local, field).to(x.device)
+    return offset * _blur(interior, torch.full((b,), 1.0))
+
+
+def _broken_rim(x: torch.Tensor, rim: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Erase (70%) or displace (30%) the rim in 1-3 angular sectors around the head centre."""
+    b, _, h, w = x.shape
+    yy = torch.arange(h, dtype=torch.float32, device=x.device)[None, None, :, None]
+    xx = torch.arange(w, dtype=torch.float32, device=x.device)[None, None, None, :]
+    area = head.sum((-2, -1), keepdim=True).clamp_min(1.0)
+    cy, cx = (head * yy).sum((-2, -1), keepdim=True) / area, (head * xx).sum((-2, -1), keepdim=True) / area
+    angle = torch.atan2(yy - cy, xx - cx)                                    # (B, 1, H, W) in [-pi, pi]
+    n_sectors = 3
+    start = _uniform(b * n_sectors, -math.pi, math.pi, gen).reshape(b, n_sectors, 1, 1).to(x.device)
+    width = _uniform(b * n_sectors, 0.35, 1.2, gen).reshape(b, n_sectors, 1, 1).to(x.device)   # radians
+    keep = (torch.arange(n_sectors)[None, :] < torch.randint(1, n_sectors + 1, (b, 1), generator=gen))
+    inside = (torch.remainder(angle - start, 2 * math.pi) < width) & keep.reshape(b, n_sectors, 1, 1).to(x.device)
+    sector = inside.any(1, keepdim=True).float() * rim                       # (B, 1, H, W)
+    fill = _uniform(b, 0.0, 0.25, gen).reshape(b, 1, 1, 1).to(x.device)
+    erased = x * (1 - sector) + fill * sector
+    shift = int(max(1, round(min(h, w) / 24)))
+    dy, dx = (shift * (2 * int(v) - 1) for v in torch.randint(0, 2, (2,), generator=gen))
+    moved = torch.roll(x, (dy, dx), dims=(-2, -1))                          # the whole slice, shifted diagonally
+    grown = F.max_pool2d(sector, 2 * shift + 1, stride=1, padding=shift)
+    displaced = x * (1 - grown) + moved * grown
+    pick = (torch.rand(b, generator=gen) < 0.7).reshape(b, 1, 1, 1).to(x.device)
+    return torch.where(pick, erased, displaced)
+
+
+def _checker(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A periodic +-1 pattern of period 2 (pixel) or 4 (2x2 blocks), random phase, times the head mask."""
+    b, _, h, w = x.shape
+    ii = torch.arange(h, device=x.device)[None, None, :, None]
+    jj = torch.arange(w, device=x.device)[None, None, None, :]
+    cell = (2 ** torch.randint(0, 2, (b,), generator=gen)).reshape(b, 1, 1, 1).to(x.device)   # 1 or 2 px
+    phase = torch.randint(0, 2, (b, 1, 1, 1), generator=gen).to(x.device)
+    pattern = (torch.remainder(ii // cell + jj // cell + phase, 2) * 2 - 1).float()
+    amp = _uniform(b, *CHECKER_AMP, gen).reshape(b, 1, 1, 1).to(x.device)
+    return amp * pattern * head
+
+
+def _washed_out(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Head contrast pulled toward its mean (gain in CONTRAST_GAIN), optionally lifted a little."""
+    b = x.shape[0]
+    soft = _blur(head, torch.full((b,), 1.0))
+    mean = (x * head).sum((-2, -1), keepdim=True) / head.sum((-2, -1), keepdim=True).clamp_min(1.0)
+    gain = _uniform(b, *CONTRAST_GAIN, gen).reshape(b, 1, 1, 1).to(x.device)
+    lift = _uniform(b, 0.0, 0.08, gen).reshape(b, 1, 1, 1).to(x.device)
+    return x + soft * ((mean + gain * (x - mean) + lift) - x)
+
+
 def degrade(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply one random degradation per image: none, Gaussian blur or additive Gaussian noise.
+    """Apply one random degradation per image, uniformly over `DEGRADATIONS` ("clean" leaves it as is).
+
+    Every random draw is made on the CPU with `gen`, so results do not depend on the device; each kind is
+    computed only for the images that drew it.
 
     Args:
         x: `(B, 1, H, W)` in [0, 1].
@@ -68,19 +198,43 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.
     Returns:
         (degraded `(B, 1, H, W)` in [0, 1], kind `(B,)` int64 index into `DEGRADATIONS`) on x's device.
     """
-    b, _, h, w = x.shape
-    kind = torch.randint(0, len(DEGRADATIONS), (b,), generator=gen)
-    sigma = _uniform(b, *BLUR_SIGMA, gen)                                 # (B,) pixels
-    radius = math.ceil(3 * BLUR_SIGMA[1])
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    g1 = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)       # (B, k)
-    g1 = g1 / g1.sum(1, keepdim=True)
-    kernel = (g1[:, :, None] * g1[:, None, :])[:, None].to(x.device)       # (B, 1, k, k)
-    padded = F.pad(x.float().reshape(1, b, h, w), (radius,) * 4, mode="replicate")   # (1, B, H+2r, W+2r)
-    blurred = F.conv2d(padded, kernel, groups=b).reshape(b, 1, h, w)
-    std = _uniform(b, *NOISE_STD, gen)[:, None, None, None]
-    noise = (std * torch.randn(x.shape, generator=gen)).to(x.device)      # drawn on CPU: same on every device
-    noisy = (x.float() + noise).clamp(0.0, 1.0)
-    k = kind.to(x.device)[:, None, None, None]
-    out = torch.where(k == 1, blurred, torch.where(k == 2, noisy, x.float()))
-    return out, kind.to(x.device)
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"degrade expects (B, 1, H, W) images; got shape {tuple(x.shape)}")
+    x = x.float()
+    kind = torch.randint(0, len(DEGRADATIONS), (x.shape[0],), generator=gen)
+    out = x.clone()
+    for k, name in enumerate(DEGRADATIONS[1:], start=1):
+        idx = (kind == k).nonzero().flatten()
+        if len(idx):
+            out[idx.to(x.device)] = apply_degradation(name, x[idx.to(x.device)], gen)
+    return out.clamp(0.0, 1.0), kind.to(x.device)
+
+
+def apply_degradation(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One named degradation (an entry of `DEGRADATIONS`) with random strength per image, unclamped.
+
+    Args:
+        name: which degradation.
+        x: `(B, 1, H, W)` float in [0, 1].
+        gen: CPU generator for the random strengths and positions.
+
+    Returns:
+        `(B, 1, H, W)` on x's device (may leave [0, 1]: `degrade` clamps).
+    """
+    if name not in DEGRADATIONS:
+        raise ValueError(f"degradation {name!r} is unknown (allowed: {', '.join(DEGRADATIONS)})")
+    b = x.shape[0]
+    if name == "clean":
+        return x
+    if name == "blur":
+        return _blur(x, _uniform(b, *BLUR_SIGMA, gen))
+    if name == "noise":
+        return x + (_uniform(b, *NOISE_STD, gen).reshape(b, 1, 1, 1) * torch.randn(x.shape, generator=gen)).to(x.device)
+    head, rim, interior = head_masks(x)
+    if name == "blotch":
+        return x + _blotches(x, interior, gen)
+    if name == "rim":
+        return _broken_rim(x, rim, head, gen)
+    if name == "checker":
+        return x + _checker(x, head, gen)
+    return _washed_out(x, head, gen)

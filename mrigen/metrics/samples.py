@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -9,7 +11,7 @@ from .recon import ms_ssim_betas, ms_ssim_per_image, ssim_per_image
 
 __all__ = ["PR_K", "diversity", "diversity_metric", "frechet_distance", "pair_indices", "precision_recall"]
 
-PR_K = 3    # neighbourhood size of the k-NN manifolds (Kynkaanniemi et al. 2019 use k = 3)
+PR_K = 10   # k of the k-NN manifolds (Kynkaanniemi et al. use 3 on i.i.d. images; docs/METRICS.md says why 10)
 
 
 def _as_features(name: str, feats: torch.Tensor | np.ndarray, min_rows: int) -> np.ndarray:
@@ -61,12 +63,19 @@ def _cdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def _knn_radius(feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Distance of each row to its k-th nearest other row: `(N, D) -> (N,)`."""
+def _knn_radius(feats: torch.Tensor, k: int, chunk: int, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row: `(N, D) -> (N,)`.
+
+    With `groups` (`(N,)` int64), rows of the row's own group (itself included) are not neighbours.
+    """
     radii = []
     for start in range(0, feats.shape[0], chunk):
         d = _cdist(feats[start:start + chunk], feats)                   # (chunk, N), self at distance 0
-        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])   # index 0 is the point itself
+        if groups is None:
+            radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])   # index 0 is the point itself
+        else:
+            same = groups[start:start + chunk, None] == groups[None, :]     # (chunk, N), self included
+            radii.append(d.masked_fill(same, float("inf")).topk(k, dim=1, largest=False).values[:, k - 1])
     return torch.cat(radii)
 
 
@@ -79,8 +88,23 @@ def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk:
     return torch.cat(hits)
 
 
+def _group_ids(groups: Sequence[object] | torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Group labels as `(n,)` int64 ids; ValueError unless every row has >= k rows outside its group."""
+    if len(groups) != n:
+        raise ValueError(f"real_groups has {len(groups)} labels for {n} real rows")
+    labels = groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
+    lookup = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+    ids = torch.tensor([lookup[g] for g in labels], dtype=torch.int64)
+    largest = int(torch.bincount(ids).max())
+    if n - largest < k:
+        raise ValueError(f"real_groups: the largest group has {largest} of {n} rows, leaving fewer than k={k} "
+                         "rows of other groups as neighbours")
+    return ids
+
+
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, *, k: int = PR_K,
-                     chunk: int = 1024) -> tuple[float, float]:
+                     chunk: int = 1024, real_groups: Sequence[object] | torch.Tensor | None = None
+                     ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds.
 
     Precision: share of `fake` inside the real manifold (the union of balls around each real feature reaching
@@ -92,6 +116,9 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
         fake: `(M, D)` features, M > k.
         k: neighbourhood size.
         chunk: rows per distance block (memory bound: chunk x max(N, M) floats).
+        real_groups: optional `N` labels (e.g. the subject of each real slice); a real ball then reaches the
+            k-th nearest real row of ANOTHER group. Adjacent slices of one brain are near-duplicates: without
+            this the balls shrink to the slice spacing and no other brain (nor any sample) falls inside.
 
     Returns:
         (precision, recall) in [0, 1]; (1, 1) for identical sets, (0, 0) for far-apart sets.
@@ -102,7 +129,8 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
     f = torch.from_numpy(_as_features("fake", fake, k + 1))
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"feature widths differ: real has {r.shape[1]}, fake has {f.shape[1]}")
-    precision = _covered(f, r, _knn_radius(r, k, chunk), chunk).double().mean()
+    groups = None if real_groups is None else _group_ids(real_groups, r.shape[0], k)
+    precision = _covered(f, r, _knn_radius(r, k, chunk, groups), chunk).double().mean()
     recall = _covered(r, f, _knn_radius(f, k, chunk), chunk).double().mean()
     return float(precision), float(recall)
 

@@ -1,17 +1,19 @@
-"""evaluate(): keys, finiteness, determinism, baselines, models that cannot sample, invalid settings."""
+"""evaluate(): keys, finiteness, determinism, baselines, copies, models that cannot sample, invalid settings."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
 import torch
 from metrics_fakes import MemoryModel, NoiseModel, NoPriorModel, SyntheticStore
 
-from mrigen.metrics import FeatureNet, evaluate, real_halves
+from mrigen.metrics import EVAL_SAMPLES, FeatureNet, evaluate
+from mrigen.metrics.features import train_halves
 
-ALL_KEYS = {"ssim", "psnr", "ms_ssim", "fd", "fd_real", "precision", "recall", "precision_real", "recall_real",
-            "diversity", "diversity_real"}
+ALL_KEYS = {"ssim", "psnr", "ms_ssim", "fd", "fd_real", "fd_ratio", "precision", "recall", "precision_real",
+            "recall_real", "diversity", "diversity_real", "memorised", "nn_train_dist", "nn_train_dist_real"}
 
 
 def test_identity_model_returns_every_key_finite(store: SyntheticStore, feature_net: FeatureNet) -> None:
@@ -21,10 +23,32 @@ def test_identity_model_returns_every_key_finite(store: SyntheticStore, feature_
     assert all(isinstance(v, float) and torch.isfinite(torch.tensor(v)) for v in out.values())
     assert out["ssim"] == pytest.approx(1.0, abs=1e-5) and out["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
     assert model.training                                            # previous mode restored
-    for key in ("precision", "recall", "precision_real", "recall_real"):
+    for key in ("precision", "recall", "precision_real", "recall_real", "memorised"):
         assert 0.0 <= out[key] <= 1.0
-    assert out["fd"] >= 0 and out["fd_real"] >= 0
+    assert out["fd"] >= 0 and out["fd_real"] > 0
+    assert out["fd_ratio"] == pytest.approx(out["fd"] / out["fd_real"])
+    assert out["memorised"] == 0.0                  # held-out slices are no copies of training slices
 
+
+def test_default_sample_count_and_baseline_from_unseen_train_subjects(
+        store: SyntheticStore, feature_net: FeatureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluate_mod = importlib.import_module("mrigen.metrics.evaluate")
+
+    seen: dict[str, object] = {}
+    real_sample_metrics = evaluate_mod.sample_metrics
+
+    def spy(fake, reference, baseline, train, **kwargs):
+        seen.update(fake=fake, reference=reference, baseline=baseline, train=train)
+        return real_sample_metrics(fake, reference, baseline, train, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "sample_metrics", spy)
+    evaluate(MemoryModel(store.tensor("val")), store, feature_net=feature_net)
+    assert seen["fake"].shape[0] == EVAL_SAMPLES
+    assert torch.equal(seen["reference"], store.tensor("val"))               # every held-out slice
+    train = store.tensor("train")
+    _, baseline_rows = train_halves(store.slices("train"))
+    assert seen["baseline"].shape[0] == len(baseline_rows) < EVAL_SAMPLES   # all of a small baseline half
+    assert torch.allclose(seen["baseline"].sum(0), train[baseline_rows].sum(0), atol=1e-4)   # same slices
 
 def test_evaluate_is_deterministic_for_a_seed(store: SyntheticStore, feature_net: FeatureNet) -> None:
     model = MemoryModel(store.tensor("train"), noise=0.05)
@@ -34,7 +58,7 @@ def test_evaluate_is_deterministic_for_a_seed(store: SyntheticStore, feature_net
 
 def test_noise_model_is_far_worse_than_the_real_baseline(store: SyntheticStore, feature_net: FeatureNet) -> None:
     out = evaluate(NoiseModel(store.tensor("train")), store, feature_net=feature_net, n_samples=20)
-    assert out["fd"] > out["fd_real"]
+    assert out["fd"] > out["fd_real"] and out["fd_ratio"] > 2
     assert out["precision"] < out["precision_real"] and out["recall"] < out["recall_real"]
     assert out["diversity"] < out["diversity_real"] and out["ssim"] < 0.2
 
@@ -52,33 +76,43 @@ def test_model_that_cannot_sample_reports_reconstruction_only(
     assert "cannot sample" in caplog.text and "prior has not been trained" in caplog.text
 
 
+def test_copies_of_training_slices_are_flagged_as_memorised(store: SyntheticStore, feature_net: FeatureNet) -> None:
+    copies = evaluate(MemoryModel(store.tensor("train")), store, feature_net=feature_net, n_samples=40)
+    assert copies["memorised"] == 1.0 and copies["nn_train_dist"] == pytest.approx(0.0, abs=1e-3)
+    assert copies["nn_train_dist_real"] > 0.01
+
+
 def test_invalid_settings_are_refused(store: SyntheticStore, feature_net: FeatureNet, tmp_path) -> None:
     model = MemoryModel(store.tensor("train"))
-    with pytest.raises(ValueError, match="n_samples"):
-        evaluate(model, store, feature_net=feature_net, n_samples=10_000)
-    with pytest.raises(ValueError, match="n_samples"):
-        evaluate(model, store, feature_net=feature_net, n_samples=2)
+    for bad in (2, 10, 12.5, True):
+        with pytest.raises(ValueError, match="n_samples"):
+            evaluate(model, store, feature_net=feature_net, n_samples=bad)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, store, feature_net=feature_net, batch_size=0)
-    tiny = SyntheticStore(tmp_path, subjects={"train": 1, "val": 1}, n_pos=5)
-    with pytest.raises(ValueError, match="needs two real halves"):
+    with pytest.raises(ValueError, match="split='train'"):
+        evaluate(model, store, "train", feature_net=feature_net)
+    tiny = SyntheticStore(tmp_path, subjects={"train": 2, "val": 1}, n_pos=5)
+    with pytest.raises(ValueError, match="more than 10 slices"):
         evaluate(model, tiny, feature_net=feature_net)
 
 
-def test_real_halves_are_disjoint_by_subject_and_equal(store: SyntheticStore) -> None:
-    rows = store.slices("val")
-    a, b = real_halves(rows, seed=0)
-    assert len(a) == len(b) > 0
-    assert not {rows[i]["subject"] for i in a.tolist()} & {rows[i]["subject"] for i in b.tolist()}
-    assert all(torch.equal(x, y) for x, y in zip(real_halves(rows, 0), (a, b)))
+def test_train_halves_split_subjects_evenly_and_stably(store: SyntheticStore) -> None:
+    rows = store.slices("train")
+    net_rows, base_rows = train_halves(rows)
+    net_subjects = {rows[i]["subject"] for i in net_rows.tolist()}
+    base_subjects = {rows[i]["subject"] for i in base_rows.tolist()}
+    assert not net_subjects & base_subjects and len(net_subjects) == len(base_subjects) == 4
+    assert len(net_rows) + len(base_rows) == len(rows)
+    again = train_halves(list(reversed(rows)))          # membership follows the names, not the row order
+    assert {rows[::-1][i]["subject"] for i in again[0].tolist()} == net_subjects
 
 
-def test_real_halves_fall_back_to_slices_with_one_subject(caplog: pytest.LogCaptureFixture) -> None:
+def test_train_halves_fall_back_to_every_row_with_one_subject(caplog: pytest.LogCaptureFixture) -> None:
     rows = [{"subject": "IXI001", "site": "HH", "slice_pos": p} for p in range(9)]
     with caplog.at_level(logging.WARNING, logger="mrigen.metrics"):
-        a, b = real_halves(rows, seed=0)
-    assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
-    assert "not by subject" in caplog.text
+        a, b = train_halves(rows)
+    assert torch.equal(a, torch.arange(9)) and torch.equal(b, torch.arange(9))
+    assert "1 subject" in caplog.text
 
 
 @pytest.mark.gpu

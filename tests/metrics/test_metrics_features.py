@@ -45,7 +45,7 @@ def test_cache_second_call_loads_without_training(tmp_path, monkeypatch: pytest.
     store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
     first = get_feature_net(store, config=TINY_FEATURES)
     path = cache_path(store)
-    assert path.name == f"feature_net-{store.digest[:12]}.safetensors" and path.is_file()
+    assert path.name == f"feature_net-v2-{store.digest[:12]}.safetensors" and path.is_file()
     assert not list(tmp_path.glob("*.tmp"))                       # atomic write left no temporary file
 
     def no_training(*args, **kwargs):
@@ -71,7 +71,7 @@ def test_weights_of_another_store_are_refused(store: SyntheticStore, feature_net
     other = SyntheticStore(tmp_path, subjects={"train": 2, "val": 2}, seed=5)
     with pytest.raises(ValueError, match="trained on store digest"):
         get_feature_net(other, weights=cache_path(store))
-    copied = tmp_path / f"feature_net-{other.digest[:12]}.safetensors"   # planted in the other store's cache
+    copied = cache_path(other)                                          # planted in the other store's cache
     copied.write_bytes(cache_path(store).read_bytes())
     with pytest.raises(ValueError, match="not on this store"):
         get_feature_net(other, config=TINY_FEATURES)
@@ -105,6 +105,32 @@ def test_feature_space_separates_real_from_noise(store: SyntheticStore, feature_
     a, b = extract_features(feature_net, val[0::2]), extract_features(feature_net, val[1::2])
     noise = extract_features(feature_net, torch.rand(val[0::2].shape, generator=torch.Generator().manual_seed(0)))
     assert frechet_distance(a, b) < frechet_distance(noise, b)
+
+
+def test_cache_of_an_older_format_is_ignored_not_refused(tmp_path) -> None:
+    store = SyntheticStore(tmp_path, subjects={"train": 2, "val": 2})
+    (tmp_path / f"feature_net-{store.digest[:12]}.safetensors").write_bytes(b"format 1 file")   # old cache name
+    assert isinstance(get_feature_net(store, config=replace(TINY_FEATURES, steps=2)), FeatureNet)
+    assert cache_path(store).is_file()
+
+
+def test_feature_net_trains_on_one_half_of_the_train_subjects(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mrigen.metrics.features import train_halves
+
+    store = SyntheticStore(tmp_path, subjects={"train": 6, "val": 2})
+    seen: list[set[str]] = []
+    real_aux = features_mod.aux_targets
+
+    def spy(slices, n, device):
+        seen.append({row["subject"] for row in slices})
+        return real_aux(slices, n, device)
+
+    monkeypatch.setattr(features_mod, "aux_targets", spy)
+    features_mod.train_feature_net(store, replace(TINY_FEATURES, steps=2))
+    rows = store.slices("train")
+    net_rows, base_rows = train_halves(rows)
+    assert seen == [{rows[i]["subject"] for i in net_rows.tolist()}]
+    assert not seen[0] & {rows[i]["subject"] for i in base_rows.tolist()}
 
 
 def test_unwritable_cache_warns_and_still_returns_a_net(tmp_path, monkeypatch: pytest.MonkeyPatch,

@@ -57,8 +57,28 @@ def test_precision_recall_detect_mode_dropping() -> None:
     assert precision == 1.0 and recall < 0.6
     with pytest.raises(ValueError, match="k="):
         precision_recall(real, collapsed, k=0)
-    with pytest.raises(ValueError, match="N >= 4"):
+    with pytest.raises(ValueError, match="N >= 11"):
         precision_recall(real, collapsed[:3])
+
+
+def test_precision_groups_reach_across_near_duplicate_slices() -> None:
+    """Real rows come in tight clusters (slices of one brain): plain k-NN balls stay inside a cluster and miss
+    new points between clusters; balls that must reach another group's rows cover them."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0.0, 1.0, (8, 4))
+    real = np.repeat(centres, 20, axis=0) + rng.normal(0.0, 0.01, (160, 4))   # 8 subjects x 20 slices
+    groups = np.repeat(np.arange(8), 20)
+    nearest = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(8) * 1e9
+    mid = (centres[:4] + centres[nearest[:4].argmin(1)]) / 2      # 4 unseen subjects between real ones
+    fake = (mid[:, None] + rng.normal(0.0, 0.01, (4, 25, 4))).reshape(100, 4)
+    plain, _ = precision_recall(real, fake, k=5)
+    grouped, recall = precision_recall(real, fake, k=5, real_groups=groups.tolist())
+    assert plain == 0.0 and grouped == 1.0
+    assert precision_recall(real, fake, k=5, real_groups=torch.from_numpy(groups)) == (grouped, recall)
+    with pytest.raises(ValueError, match="labels for 160 real rows"):
+        precision_recall(real, fake, k=5, real_groups=groups[:10].tolist())
+    with pytest.raises(ValueError, match="largest group"):
+        precision_recall(real, fake, k=5, real_groups=[0] * 158 + [1, 1])
 
 
 @pytest.mark.parametrize(("size", "metric"), [(16, "ssim"), (32, "ms_ssim")])
