@@ -37,8 +37,10 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch, capsys):
     assert resolve_tracking_uri("http://arg:5000") == "http://arg:5000"
     assert resolve_tracking_uri(None) == "http://env:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    uri = resolve_tracking_uri(None)
-    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(TrackingError, match="mrigen-work/mlflow.db"):   # a reader gets no empty store made for it
+        resolve_tracking_uri(None, read_only=True)
+    uri = resolve_tracking_uri(None)                                  # the store `mrigen.tune` writes by default
+    assert uri == f"sqlite:///{tmp_path / 'mrigen-work' / 'mlflow.db'}"
     assert f"mlflow ui --backend-store-uri {uri}" in capsys.readouterr().out
 
 
