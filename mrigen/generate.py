@@ -3,11 +3,18 @@
     python -m mrigen.generate --model models:/mrigen-vae@champion -n 1000 --out synth/ [--format png|nifti]
     python -m mrigen.generate --model runs:/<run_id>/model -n 64 --out synth/ --seed 3
     python -m mrigen.generate --model out/model -n 64 --out synth/         # a local save_model directory
+    python -m mrigen.generate --model models:/NAME@champion -n 1000 --condition slice_pos=0.2:0.8 \
+        --condition site=HH --out synth/                                  # a conditional model: fix / range
 
 Writes `slice_00000.png` (8-bit grayscale) or `slice_00000.nii.gz` (float32 in [0, 1], (H, W, 1), 1 mm identity
 affine) plus `manifest.json` (model name, version, run id, seed, batch size, mrigen version, format, per-file
 sha256). Deterministic: the same model, seed, n and batch size give byte-identical slice files (batch k draws its
 noise from a CPU generator seeded from (seed, k), so the device does not change the noise).
+
+A conditional model (trained with `model.conditions`) takes `--condition NAME=VALUE` (a fixed value: `site=HH`,
+`sex=F`, `age=70`) or `--condition NAME=LO:HI` (uniform in a range: `slice_pos=0.2:0.8`); attributes not given
+are drawn together from the model's training rows ("match the real distribution", the default). Each file's
+attributes are recorded in the manifest.
 
 Output is built in `OUT.partial/` (each file through a temp file + rename, its sha256 appended to a completion log)
 and renamed to OUT at the end, so a crash or Ctrl-C never leaves a half-written set under --out. Rerun the same
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 
 import mrigen
+from mrigen.models.condition import ConditionRequest, decode_rows, parse_condition
 
 __all__ = ["sample_slices", "batch_seed", "ResolvedModel", "resolve_model", "write_slices", "generate", "main",
            "FORMATS", "model_fingerprint", "partial_dir"]
@@ -70,11 +78,39 @@ def sample_slices(model: torch.nn.Module, n: int, *, seed: int = 0, batch_size: 
 @torch.no_grad()
 def _sample_batch(model: torch.nn.Module, b: int, seed: int, k: int) -> np.ndarray:
     """Batch `k` of a generation with `seed`: float32 (b, H, W) in [0, 1]; depends only on (model, seed, k, b)."""
+    return _sample_conditioned(model, b, seed, k, None)[0]
+
+
+@torch.no_grad()
+def _sample_conditioned(model: torch.nn.Module, b: int, seed: int, k: int, request: ConditionRequest | None
+                        ) -> tuple[np.ndarray, list[dict] | None]:
+    """Batch `k`: (float32 (b, H, W) in [0, 1], each slice's attributes for a conditional model else None).
+    The attributes are drawn from the same (seed, k) generator first, so a batch depends only on its inputs."""
     gen = torch.Generator(device="cpu").manual_seed(batch_seed(seed, k))
-    x = model.sample(b, generator=gen)                              # (b, 1, H, W) in [0, 1]
+    emb = getattr(model, "condition_embedding", None)
+    rows = None
+    if emb is None:
+        x = model.sample(b, generator=gen)                          # (b, 1, H, W) in [0, 1]
+    else:
+        attrs = emb.resolve(b, request, gen)                        # (b, A)
+        rows = decode_rows(emb.names, attrs)
+        x = model.sample(b, generator=gen, conditions=attrs)
     if x.ndim != 4 or x.shape[0] != b or x.shape[1] != 1:
         raise RuntimeError(f"model.sample({b}) returned shape {tuple(x.shape)}, expected ({b}, 1, H, W)")
-    return x[:, 0].float().clamp_(0, 1).cpu().numpy()               # (b, 1, H, W) -> (b, H, W)
+    return x[:, 0].float().clamp_(0, 1).cpu().numpy(), rows         # (b, 1, H, W) -> (b, H, W)
+
+
+def condition_request(model: torch.nn.Module, spec: dict) -> ConditionRequest | None:
+    """The request for `model` from {attribute: value or (lo, hi)}; None for an unconditional model asked nothing.
+
+    Raises:
+        ValueError: an attribute the model does not know (naming the ones it does), or a bad value.
+    """
+    emb = getattr(model, "condition_embedding", None)
+    names = emb.names if emb is not None else ()
+    if emb is None and not spec:
+        return None
+    return ConditionRequest(names, spec)
 
 
 @dataclass
@@ -225,7 +261,8 @@ def _verified(folder: Path, entries: list[dict], settings: dict) -> dict[int, di
         i = e.get("index")
         if (isinstance(i, int) and 0 <= i < settings["n"] and e.get("file") == _slice_name(i, settings["n"],
                 settings["format"]) and (folder / e["file"]).is_file() and _sha256(folder / e["file"]) == e["sha256"]):
-            ok[i] = {"file": e["file"], "sha256": e["sha256"]}
+            ok[i] = {"file": e["file"], "sha256": e["sha256"],
+                     **({"conditions": e["conditions"]} if "conditions" in e else {})}
     return ok
 
 
@@ -243,7 +280,8 @@ def _read_partial(folder: Path) -> tuple[dict | None, list[dict]]:
         return settings, entries
     if (folder / "manifest.json").is_file():         # stopped between writing the manifest and the rename
         m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        return ({k: m.get(k) for k in ("model_sha256", "n", "seed", "batch_size", "format")},
+        keys = ("model_sha256", "n", "seed", "batch_size", "format") + (("conditions",) if "conditions" in m else ())
+        return ({k: m.get(k) for k in keys},
                 [{**f, "index": i} for i, f in enumerate(m.get("files", []))])
     return None, []
 
@@ -272,7 +310,8 @@ def _completed_out(out: Path, settings: dict) -> dict | None:
 
 
 def generate(resolved: ResolvedModel, n: int, out: Path, *, fmt: str = "png", seed: int = 0, batch_size: int = 64,
-             overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, resume: bool = False, progress: bool = True,
+             conditions: dict | None = None) -> dict:
     """Write `n` slices and `manifest.json` to `out` atomically; return the manifest.
 
     The set is built in `OUT.partial/`: each slice is written through a temp file and rename, and its sha256 is
@@ -280,6 +319,8 @@ def generate(resolved: ResolvedModel, n: int, out: Path, *, fmt: str = "png", se
     `resume=True` keeps every recorded file that still verifies, samples only the batches with a missing file
     (batch k's noise depends only on (seed, k)), and gives byte-identical files and manifest to an uninterrupted
     run. With `resume=True` an `out` already finished with the same model and settings is returned as is.
+    `conditions` ({attribute: value or (lo, hi)}) asks a conditional model for those attributes; the manifest
+    records the request and every file's attributes.
 
     Raises:
         ValueError: bad n / format / batch size; `out` not empty and not `overwrite`; `OUT.partial/` present
@@ -290,8 +331,11 @@ def generate(resolved: ResolvedModel, n: int, out: Path, *, fmt: str = "png", se
     if int(n) < 1 or int(batch_size) < 1:
         raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
     n, batch_size, out = int(n), int(batch_size), Path(out)
+    request = condition_request(resolved.model, conditions or {})
     settings = {"model_sha256": model_fingerprint(resolved.model), "n": n, "seed": int(seed),
                 "batch_size": batch_size, "format": fmt}
+    if request is not None:
+        settings["conditions"] = request.as_dict()
     if resume and (done_before := _completed_out(out, settings)) is not None:
         print(f"{out}: already complete ({n} slices verified); nothing to do", file=sys.stderr)
         return done_before
@@ -325,13 +369,15 @@ def generate(resolved: ResolvedModel, n: int, out: Path, *, fmt: str = "png", se
         if done:
             print(f"resuming {partial}: {len(done)}/{n} slices already written and verified", file=sys.stderr)
         _write_json(partial / SETTINGS_FILE, settings)
-        _fill(resolved.model, partial, settings, done, progress)
+        _fill(resolved.model, partial, settings, done, progress, request)
         cfg = getattr(resolved.model, "config", None)
         manifest = {"model": resolved.uri, "model_name": resolved.name, "model_version": resolved.version,
                     "run_id": resolved.run_id, "model_sha256": settings["model_sha256"],
                     "family": getattr(cfg, "family", None), "image_size": getattr(cfg, "image_size", None),
                     "n": n, "seed": int(seed), "batch_size": batch_size, "format": fmt,
                     "mrigen_version": mrigen.__version__, "value_range": [0.0, 1.0],
+                    **({"conditions": settings["conditions"], "condition_attributes": list(request.names)}
+                       if request is not None else {}),
                     "files": [done[i] for i in range(n)]}
         _write_json(partial / "manifest.json", manifest)
         for name in (SETTINGS_FILE, DONE_FILE, LOCK_FILE):
@@ -361,7 +407,8 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fill(model: torch.nn.Module, folder: Path, settings: dict, done: dict[int, dict], progress: bool) -> None:
+def _fill(model: torch.nn.Module, folder: Path, settings: dict, done: dict[int, dict], progress: bool,
+          request: ConditionRequest | None = None) -> None:
     """Sample and write every slice missing from `done` (updated in place), batch by batch; log each file."""
     from tqdm.auto import tqdm
 
@@ -373,10 +420,12 @@ def _fill(model: torch.nn.Module, folder: Path, settings: dict, done: dict[int, 
             todo = [i for i in range(start, min(start + bs, n)) if i not in done]
             if not todo:                              # finished work is not redone
                 continue
-            batch = _sample_batch(model, min(bs, n - start), seed, k)
+            batch, rows = _sample_conditioned(model, min(bs, n - start), seed, k, request)
             for i in todo:
                 entry = {"file": _slice_name(i, n, fmt)}
                 entry["sha256"] = _write_atomic(folder / entry["file"], batch[i - start], fmt)
+                if rows is not None:
+                    entry["conditions"] = rows[i - start]
                 log_file.write(json.dumps({"index": i, **entry}) + "\n")
                 log_file.flush()
                 os.fsync(log_file.fileno())
@@ -394,6 +443,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--format", choices=FORMATS, default="png",
                    help="png: 8-bit grayscale; nifti: float32 .nii.gz in [0, 1] with a 1 mm affine (default png)")
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE|NAME=LO:HI",
+                   help="conditional models: fix an attribute (site=HH, sex=F, age=70) or draw it uniformly from a "
+                        "range (slice_pos=0.2:0.8); repeat for several; attributes not given follow the training "
+                        "distribution (default)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="slices per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
@@ -418,9 +471,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        conditions = dict(parse_condition(c) for c in args.condition)
         resolved = resolve_model(args.model, tracking_uri=args.tracking_uri, device=args.device)
         manifest = generate(resolved, args.n, args.out, fmt=args.format, seed=args.seed, batch_size=args.batch_size,
-                            overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+                            overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+                            conditions=conditions)
     except KeyboardInterrupt:
         partial = partial_dir(args.out)
         kept = len(_read_partial(partial)[1]) if partial.is_dir() else 0

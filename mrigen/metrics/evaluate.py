@@ -58,6 +58,17 @@ def _samples(model: torch.nn.Module, n: int, size: int, batch_size: int, gen: to
     return out
 
 
+def _recon_attrs(model: torch.nn.Module, rows: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
+    """Encoded attributes of the slices for a conditional VAE's `reconstruct` (its encoder and decoder take them);
+    None for other models (a VQ-VAE conditions only its prior)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not getattr(cfg, "conditions", ()) or cfg.family != "vae":
+        return None
+    from mrigen.models.condition import encode_rows
+
+    return encode_rows(cfg.conditions, rows).to(device)
+
+
 def _finite(result: dict[str, float], where: str) -> dict[str, float]:
     bad = sorted(k for k, v in result.items() if v != v or v in (float("inf"), float("-inf")))
     if bad:
@@ -197,7 +208,8 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
     was_training = model.training
     model.eval()
     try:
-        result = recon_metrics(model, real, batch_size=batch_size, ms_ssim=True)
+        result = recon_metrics(model, real, batch_size=batch_size, ms_ssim=True,
+                               attrs=_recon_attrs(model, store.slices(split), device))
         gen = torch.Generator(device=device).manual_seed(seed)
         try:
             fake = _samples(model, n, int(store.image_size), batch_size, gen)

@@ -148,6 +148,7 @@ def image_metrics(preds: torch.Tensor, target: torch.Tensor, *, ms_ssim: bool = 
 @torch.no_grad()
 def recon_metrics(
     model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 256, ms_ssim: bool = False,
+    attrs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Mean per-image reconstruction quality of `model.reconstruct` on `images` (the per-epoch cheap path).
 
@@ -158,6 +159,7 @@ def recon_metrics(
         images: `(N, 1, H, W)` in [0, 1], on the model's device.
         batch_size: images per `reconstruct` call.
         ms_ssim: also report `ms_ssim` when the size allows it.
+        attrs: `(N, A)` encoded attributes for a conditional VAE (`reconstruct(x, attrs)`); None otherwise.
 
     Returns:
         {"ssim": float, "psnr": float[, "ms_ssim": float]}: means over the N images.
@@ -172,7 +174,7 @@ def recon_metrics(
         sums: dict[str, float] = {}
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size]
-            recon = model.reconstruct(x)
+            recon = model.reconstruct(x) if attrs is None else model.reconstruct(x, attrs[start:start + batch_size])
             for name, values in image_metrics(recon, x, ms_ssim=ms_ssim).items():
                 sums[name] = sums.get(name, 0.0) + float(values.double().sum())
     finally:

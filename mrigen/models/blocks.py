@@ -17,7 +17,8 @@ from torch import nn
 
 from mrigen.models.config import ModelConfig
 
-__all__ = ["Decoder", "Encoder", "ResBlock", "check_images", "eval_mode", "make_norm"]
+__all__ = ["Decoder", "Encoder", "FiLM", "ResBlock", "check_images", "eval_mode", "make_norm", "norm_widths",
+           "run_trunk"]
 
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, as in the thesis
 
@@ -94,6 +95,49 @@ class Decoder(nn.Sequential):
         layers += [nn.Sigmoid()]
         super().__init__(*layers)
         self.in_channels = chans[0]
+
+
+def norm_widths(trunk: nn.Sequential) -> list[int]:
+    """Channel counts of the trunk's top-level norm layers, in order (where `run_trunk` applies FiLM)."""
+    return [m.num_features if isinstance(m, nn.BatchNorm2d) else m.num_channels
+            for m in trunk if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+
+
+class FiLM(nn.Module):
+    """Feature-wise modulation from a condition vector: h * (1 + gamma(c)) + beta(c), one linear map per norm layer.
+
+    Zero-initialised, so a freshly built conditional model starts as its unconditional twin.
+
+    Args:
+        cond_dim: width of the condition vector c `(B, cond_dim)`.
+        widths: channels of each modulated layer (`norm_widths(trunk)`).
+    """
+
+    def __init__(self, cond_dim: int, widths: list[int]) -> None:
+        super().__init__()
+        self.maps = nn.ModuleList(nn.Linear(cond_dim, 2 * w) for w in widths)
+        for m in self.maps:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def modulate(self, i: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Apply map i: h `(B, C, H, W)`, c `(B, cond_dim)` -> `(B, C, H, W)`."""
+        gamma, beta = self.maps[i](c).to(h.dtype).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        return h * (1 + gamma) + beta
+
+
+def run_trunk(trunk: nn.Sequential, x: torch.Tensor, film: FiLM | None = None, c: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """`trunk(x)`, with FiLM applied after each top-level norm layer when a condition vector c is given."""
+    if film is None or c is None:
+        return trunk(x)
+    i = 0
+    for layer in trunk:
+        x = layer(x)
+        if isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm)):
+            x = film.modulate(i, x, c)
+            i += 1
+    return x
 
 
 def check_images(x: torch.Tensor, image_size: int, who: str) -> None:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 from mrigen.config import config_from_dict
+from mrigen.models.condition import check_names
 
 __all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "NORMS", "ModelConfig"]
 
@@ -44,10 +45,18 @@ class ModelConfig:
     prior_layers: int = 4  # VQ-VAE code prior: transformer blocks
     sample_temperature: float = 1.0  # VQ-VAE sampling: prior logits divided by this (< 1 sharper, > 1 more varied)
     sample_top_k: int = 0  # VQ-VAE sampling: keep only the k most likely codes per position; 0 = all
+    conditions: tuple[str, ...] = ()  # attributes to condition on (slice_pos, site, age, sex); () = unconditional
+    condition_dim: int = 64  # VAE: width of the condition embedding fed to FiLM (VQ-VAE prior: prior_channels)
 
     def __post_init__(self) -> None:
-        if isinstance(self.channels, list):  # JSON / YAML give lists; keep the dataclass hashable
-            object.__setattr__(self, "channels", tuple(self.channels))
+        for name in ("channels", "conditions"):  # JSON / YAML give lists; keep the dataclass hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.conditions, str):  # a single attribute from --set model.conditions=site
+            object.__setattr__(self, "conditions", (self.conditions,) if self.conditions else ())
+        if not isinstance(self.conditions, tuple) or not all(isinstance(c, str) for c in self.conditions):
+            raise ValueError(f"conditions={self.conditions!r} must be a list of attribute names")
+        check_names(self.conditions)
         _check_int("grid", self.grid, minimum=0)
         _check_int("image_size", self.image_size, minimum=1)
         if self.grid:
@@ -60,7 +69,7 @@ class ModelConfig:
         _check_choice("latent", self.latent, LATENTS)
         _check_choice("kernel_size", self.kernel_size, KERNEL_SIZES)
         for name in ("image_size", "blocks", "latent_dim", "codebook_size", "code_dim", "prior_channels",
-                     "prior_layers"):
+                     "prior_layers", "condition_dim"):
             _check_int(name, getattr(self, name), minimum=1)
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size={self.image_size!r} must be a power of two >= 16 (e.g. 64, 128, 256)")

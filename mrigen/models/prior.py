@@ -2,6 +2,8 @@
 
 Codes are read in raster order; position t predicts code t from codes < t (a learned start token feeds
 position 0). Training: `loss(indices)`; generation: `sample(n, h, w)` with a key/value cache (one token per step).
+A conditional prior (`conditions`) adds the embedding of the slice's attributes to every position's input, so
+the code grid it draws fits the requested slice position, site, age or sex.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mrigen.models.condition import ConditionEmbedding
 
 __all__ = ["CodePrior", "gumbel_noise"]
 
@@ -53,9 +57,11 @@ class CodePrior(nn.Module):
         max_positions: h * w of the grids it models (positions are learned embeddings).
         channels: transformer width (a multiple of 16).
         layers: transformer blocks.
+        conditions: attribute names it is conditioned on (empty: unconditional).
     """
 
-    def __init__(self, num_codes: int, max_positions: int, channels: int, layers: int) -> None:
+    def __init__(self, num_codes: int, max_positions: int, channels: int, layers: int,
+                 conditions: tuple[str, ...] = ()) -> None:
         super().__init__()
         if channels % HEAD_DIM:
             raise ValueError(f"channels={channels} must be a multiple of {HEAD_DIM}")
@@ -68,14 +74,24 @@ class CodePrior(nn.Module):
         self.head = nn.Linear(channels, num_codes)
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
+        self.condition = ConditionEmbedding(conditions, channels) if conditions else None
+
+    def _embed(self, attrs: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, C) condition term for encoded attributes (B, A) (None: unknown); None if unconditional."""
+        if self.condition is None:
+            return None
+        if attrs is None:
+            attrs = torch.full((b, len(self.condition.names)), float("nan"), device=device)
+        return self.condition(attrs.to(device)).unsqueeze(1)
 
     def _check_grid(self, h: int, w: int) -> None:
         if h * w > self.max_positions:
             raise ValueError(f"a {h}x{w} code grid has {h * w} positions; this prior models at most "
                              f"{self.max_positions}")
 
-    def logits(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices: (B, h, w) int64 -> logits (B, h*w, K); logits[:, t] predicts code t in raster order."""
+    def logits(self, indices: torch.Tensor, attrs: torch.Tensor | None = None) -> torch.Tensor:
+        """indices: (B, h, w) int64 (and attrs (B, A) for a conditional prior) -> logits (B, h*w, K);
+        logits[:, t] predicts code t in raster order."""
         if indices.dim() != 3 or indices.dtype != torch.long:
             raise ValueError(f"expected indices (B, h, w) int64, got shape {tuple(indices.shape)} {indices.dtype}")
         b, h, w = indices.shape
@@ -83,19 +99,25 @@ class CodePrior(nn.Module):
         flat = indices.reshape(b, h * w)  # (B, h, w) -> (B, L)
         start = torch.full((b, 1), self.num_codes, dtype=torch.long, device=indices.device)
         x = self.tok(torch.cat([start, flat[:, :-1]], dim=1)) + self.pos[: h * w]  # shifted right: (B, L, C)
+        c = self._embed(attrs, b, indices.device)
+        if c is not None:
+            x = x + c
         for block in self.blocks:
             x, _ = block(x)
         return self.head(self.ln(x))
 
-    def loss(self, indices: torch.Tensor) -> torch.Tensor:
+    def loss(self, indices: torch.Tensor, attrs: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy (nats per code) of `indices` (B, h, w) int64 under the prior: a scalar tensor."""
-        logits = self.logits(indices)
+        logits = self.logits(indices, attrs)
         return F.cross_entropy(logits.float().flatten(0, 1), indices.reshape(-1))
 
-    def step(self, token: torch.Tensor, t: int, cache: _Cache) -> torch.Tensor:
+    def step(self, token: torch.Tensor, t: int, cache: _Cache, c: torch.Tensor | None = None) -> torch.Tensor:
         """One cached decoding step: token (n, 1) int64 = code t-1 (or the start token for t = 0) -> logits (n, K)
-        for code t. `cache` holds one (keys, values) entry per block (None before t = 0) and is updated in place."""
+        for code t. `cache` holds one (keys, values) entry per block (None before t = 0) and is updated in place;
+        `c` is the (n, 1, C) condition term of a conditional prior."""
         x = self.tok(token) + self.pos[t]  # (n, 1, C)
+        if c is not None:
+            x = x + c
         for i, block in enumerate(self.blocks):
             x, cache[i] = block(x, cache[i])
         return self.head(self.ln(x))[:, 0]
@@ -106,7 +128,7 @@ class CodePrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, h: int, w: int, generator: torch.Generator | None = None, *,
-               temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+               temperature: float = 1.0, top_k: int = 0, attrs: torch.Tensor | None = None) -> torch.Tensor:
         """Draw n code grids, one position at a time (Gumbel-max sampling, key/value cache).
 
         Args:
@@ -115,6 +137,7 @@ class CodePrior(nn.Module):
             generator: optional RNG on any device (noise is drawn on its device, then moved to the model's).
             temperature: logits are divided by it (> 0; 1 = the model's distribution).
             top_k: keep only the k most likely codes at each position (0 = all).
+            attrs: (n, A) encoded attributes for a conditional prior (None: unknown).
 
         Returns:
             (n, h, w) int64 indices in [0, K) on the prior's device.
@@ -130,9 +153,10 @@ class CodePrior(nn.Module):
         noise_device = generator.device if generator is not None else device
         token = torch.full((n, 1), self.num_codes, dtype=torch.long, device=device)
         cache = self.empty_cache()
+        c = self._embed(attrs, n, device)
         out = torch.empty(n, h * w, dtype=torch.long, device=device)
         for t in range(h * w):
-            logits = self.step(token, t, cache).float() / temperature  # (n, K)
+            logits = self.step(token, t, cache, c).float() / temperature  # (n, K)
             if 0 < top_k < self.num_codes:
                 kth = logits.topk(top_k, dim=1).values[:, -1:]  # (n, 1): the k-th largest logit
                 logits = logits.masked_fill(logits < kth, float("-inf"))

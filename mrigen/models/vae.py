@@ -5,6 +5,11 @@ variance is var(mu) + E[sigma^2]; `reconstruct` decodes the mean, whose features
 statistics would wash the reconstruction out. `calibrate_reconstruction(images)` measures the decoder's BatchNorm
 statistics on the mean path into a second set of buffers that `reconstruct` uses (sampling keeps the training
 statistics: z ~ N(0, I) has the variance of a sampled z). GroupNorm decoders need none of this.
+
+Conditioning (`cfg.conditions`): the attributes `(B, A)` (see mrigen.models.condition) become one vector that
+modulates every encoder and decoder norm layer (FiLM), so z is free to hold what the attributes do not say and
+sampling decodes z ~ N(0, I) under the requested attributes. Without attributes a conditional model uses its
+learned "unknown" vectors.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import nn
 
-from mrigen.models.blocks import LEAKY_SLOPE, Decoder, Encoder, check_images, eval_mode
+from mrigen.models.blocks import LEAKY_SLOPE, Decoder, Encoder, FiLM, check_images, eval_mode, norm_widths, run_trunk
+from mrigen.models.condition import ConditionEmbedding
 from mrigen.models.config import ModelConfig
 
 __all__ = ["VAE", "VAEOutput"]
@@ -68,6 +74,22 @@ class VAE(nn.Module):
         # mean-path statistics of each decoder BatchNorm (see the module docstring); empty for GroupNorm decoders
         self.mean_path_norms = nn.ModuleList(nn.BatchNorm2d(bn.num_features, affine=False) for bn in bns)
         self.register_buffer("mean_path_calibrated", torch.tensor(False))
+        self.condition: ConditionEmbedding | None = None
+        self.enc_film: FiLM | None = None
+        self.dec_film: FiLM | None = None
+        if cfg.conditions:
+            self.condition = ConditionEmbedding(cfg.conditions, cfg.condition_dim)
+            self.enc_film = FiLM(cfg.condition_dim, norm_widths(self.encoder))
+            self.dec_film = FiLM(cfg.condition_dim, norm_widths(self.decoder))
+
+    def _embed(self, attrs: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Condition vector `(B, condition_dim)` for encoded attributes `(B, A)` (None: all unknown); None when the
+        model is unconditional."""
+        if self.condition is None:
+            return None
+        if attrs is None:
+            attrs = torch.full((batch, len(self.condition.names)), float("nan"), device=device)
+        return self.condition(attrs.to(device))
 
     def _decoder_batchnorms(self) -> list[nn.BatchNorm2d]:
         return [m for m in (*self.from_latent.modules(), *self.decoder.modules()) if isinstance(m, nn.BatchNorm2d)]
@@ -89,9 +111,11 @@ class VAE(nn.Module):
                 bn.running_mean, bn.running_var = mean, var
 
     @torch.no_grad()
-    def calibrate_reconstruction(self, images: torch.Tensor, batch_size: int = 256) -> None:
+    def calibrate_reconstruction(self, images: torch.Tensor, batch_size: int = 256,
+                                 attrs: torch.Tensor | None = None) -> None:
         """Measure the decoder's BatchNorm statistics on the mean path (z = mu) over `images` (N, 1, H, W) in
-        [0, 1] (training slices), for `reconstruct` to use. A no-op for decoders without BatchNorm."""
+        [0, 1] (training slices, with their encoded attributes `(N, A)` for a conditional model), for `reconstruct`
+        to use. A no-op for decoders without BatchNorm."""
         if not len(self.mean_path_norms):
             return
         was_training = self.training
@@ -108,54 +132,69 @@ class VAE(nn.Module):
                 bn.train()  # normalise with batch statistics and accumulate them into the mean-path buffers
             for start in range(0, len(images), batch_size):
                 x = images[start:start + batch_size].float()
-                self.decode(self.encode(x)[0])
+                a = None if attrs is None else attrs[start:start + batch_size]
+                self.decode(self.encode(x, a)[0], a)
         finally:
             for bn, (mean, var, count, momentum) in zip(bns, saved):
                 bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum = mean, var, count, momentum
             self.train(was_training)
         self.mean_path_calibrated.fill_(True)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, 1, H, W) in [0, 1] -> (mu, logvar), each (B, D) or (B, C, h, w)."""
+    def encode(self, x: torch.Tensor, attrs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 1, H, W) in [0, 1], attrs: optional (B, A) -> (mu, logvar), each (B, D) or (B, C, h, w)."""
         check_images(x, self.config.image_size, "VAE.encode")
-        mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+        c = self._embed(attrs, x.shape[0], x.device)
+        mu, logvar = self.to_posterior(run_trunk(self.encoder, x, self.enc_film, c)).chunk(2, dim=1)
         return mu, logvar.clamp(*LOGVAR_RANGE)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, *latent_shape) -> (B, 1, H, W) in [0, 1]."""
+    def decode(self, z: torch.Tensor, attrs: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, *latent_shape), attrs: optional (B, A) -> (B, 1, H, W) in [0, 1]."""
         if tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(f"VAE.decode expects z of shape (B, {self.latent_shape}), got {tuple(z.shape)}")
-        return self.decoder(self.from_latent(z))
+        c = self._embed(attrs, z.shape[0], z.device)
+        return run_trunk(self.decoder, self.from_latent(z), self.dec_film, c)
 
-    def forward(self, x: torch.Tensor) -> VAEOutput:
+    def forward(self, x: torch.Tensor, attrs: torch.Tensor | None = None) -> VAEOutput:
         """One stochastic ELBO pass: z = mu + sigma * eps (eps from the global RNG, in train and eval mode).
 
         Args:
             x: (B, 1, H, W) in [0, 1].
+            attrs: (B, A) encoded attributes of a conditional model (None: unknown).
         """
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, attrs)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return VAEOutput(self.decode(z), mu, logvar)
+        return VAEOutput(self.decode(z, attrs), mu, logvar)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def condition_embedding(self) -> ConditionEmbedding | None:
+        """The model's attribute embedding (with its bank of training rows); None if unconditional."""
+        return self.condition
+
+    def reconstruct(self, x: torch.Tensor, attrs: torch.Tensor | None = None) -> torch.Tensor:
         """Deterministic reconstruction from the posterior mean, in eval mode, no grad: (B,1,H,W) -> (B,1,H,W)."""
         with eval_mode(self), self._mean_path_statistics():
-            return self.decode(self.encode(x)[0])
+            return self.decode(self.encode(x, attrs)[0], attrs)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, conditions=None) -> torch.Tensor:
         """Decode n draws of z ~ N(0, I), in eval mode, no grad.
 
         Args:
             n: number of images (>= 1).
             generator: optional RNG on any device (noise is drawn on its device, then moved to the model's).
+            conditions: conditional models only: None (attributes drawn from the training rows), a
+                `ConditionRequest`, n store-style row dicts, or an (n, A) encoded tensor (see
+                `ConditionEmbedding.resolve`).
 
         Returns:
             (n, 1, H, W) in [0, 1] on the model's device.
         """
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
+        if conditions is not None and self.condition is None:
+            raise ValueError("conditions were given but this model is unconditional (model.conditions is empty)")
         device = next(self.parameters()).device
         noise_device = generator.device if generator is not None else device
+        attrs = None if self.condition is None else self.condition.resolve(n, conditions, generator).to(device)
         z = torch.randn((n, *self.latent_shape), generator=generator, device=noise_device).to(device)
         with eval_mode(self):
-            return self.decode(z)
+            return self.decode(z, attrs)

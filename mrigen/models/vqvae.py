@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mrigen.models.blocks import Decoder, Encoder, check_images, eval_mode
+from mrigen.models.condition import ConditionEmbedding
 from mrigen.models.config import ModelConfig
 from mrigen.models.prior import CodePrior
 
@@ -139,8 +140,14 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment, cfg.ema_decay,
                                          cfg.dead_code_threshold)
         self.post_quant = nn.Conv2d(cfg.code_dim, self.decoder.in_channels, kernel_size=1)
-        self.prior = CodePrior(cfg.codebook_size, cfg.grid_size**2, cfg.prior_channels, cfg.prior_layers)
+        self.prior = CodePrior(cfg.codebook_size, cfg.grid_size**2, cfg.prior_channels, cfg.prior_layers,
+                               cfg.conditions)
         self.register_buffer("prior_trained", torch.tensor(False))
+
+    @property
+    def condition_embedding(self) -> ConditionEmbedding | None:
+        """The model's attribute embedding (with its bank of training rows); None if unconditional."""
+        return self.prior.condition
 
     def autoencoder_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters trained by the VQ-VAE loss: everything except the code prior (the codebook is EMA)."""
@@ -182,8 +189,11 @@ class VQVAE(nn.Module):
         """Deterministic reconstruction through the nearest codes: (B, 1, H, W) -> (B, 1, H, W)."""
         return self.decode_indices(self.encode_indices(x))
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, conditions=None) -> torch.Tensor:
         """Draw n code grids from the trained prior and decode them: (n, 1, H, W) in [0, 1] on the model's device.
+
+        `conditions` (conditional models only): None (attributes drawn from the training rows), a
+        `ConditionRequest`, n store-style row dicts, or an (n, A) encoded tensor (see `ConditionEmbedding.resolve`).
 
         Raises:
             RuntimeError: if the prior was never trained (`mark_prior_trained` not called).
@@ -193,8 +203,11 @@ class VQVAE(nn.Module):
                 "VQVAE.sample needs a trained code prior: fit model.prior with prior.loss(model.encode_indices(x)) "
                 "on training images, then call model.mark_prior_trained()"
             )
+        if conditions is not None and self.prior.condition is None:
+            raise ValueError("conditions were given but this model is unconditional (model.conditions is empty)")
+        attrs = None if self.prior.condition is None else self.prior.condition.resolve(n, conditions, generator)
         g = self.config.grid_size
         with eval_mode(self):
             codes = self.prior.sample(n, g, g, generator=generator, temperature=self.config.sample_temperature,
-                                      top_k=self.config.sample_top_k)
+                                      top_k=self.config.sample_top_k, attrs=attrs)
             return self.decode_indices(codes)

@@ -42,6 +42,8 @@ class TrainConfig:
                                      # (flip + up to 1/16 of the side of random translation)
     early_stop_patience: int = 0     # stop after this many epochs without a better val_ssim and keep the best
                                      # weights; 0 = train all epochs
+    condition_dropout: float = 0.1   # conditional models: chance that each attribute of a training row is hidden
+                                     # (trains the "unknown" embedding, used for missing values)
     prior_steps: int = 2000          # VQ-VAE only: optimiser steps of the code prior after the autoencoder
     prior_lr: float = 1e-3           # VQ-VAE only: prior learning rate (cosine decay to 10% over prior_steps)
     prior_batch_size: int = 64       # VQ-VAE only: code grids per prior step
@@ -67,6 +69,8 @@ class TrainConfig:
         for name in ("lr", "prior_lr", "disc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be > 0")
+        if not 0 <= self.condition_dropout < 1:
+            raise ValueError(f"TrainConfig.condition_dropout={self.condition_dropout!r} must be in [0, 1)")
         if self.recon not in _RECON:
             raise ValueError(f"TrainConfig.recon={self.recon!r} is not one of {_RECON}")
         if self.amp not in _AMP:

@@ -26,7 +26,8 @@ from mrigen.train.config import TrainConfig
 from mrigen.train.hooks import Hook, StopTraining, TrainContext
 from mrigen.train.augment import augment_batch
 from mrigen.train.images import make_grid
-from mrigen.train.prior import train_prior
+from mrigen.models.condition import encode_rows
+from mrigen.train.prior import drop_conditions, train_prior
 from mrigen.train.state import CheckpointError, CheckpointWriter, load_checkpoint
 
 __all__ = ["train", "TrainResult", "epoch_seed"]
@@ -72,15 +73,17 @@ class _Step:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         self.channels_last = tcfg.channels_last and device.type == "cuda"
 
-    def __call__(self, x: torch.Tensor, kl_weight: float, adversarial: bool = False):
-        """x: (B, 1, H, W) in [0, 1] -> (LossTerms, model output in fp32, generator adversarial loss or None).
+    def __call__(self, x: torch.Tensor, kl_weight: float, adversarial: bool = False,
+                 attrs: torch.Tensor | None = None):
+        """x: (B, 1, H, W) in [0, 1] (attrs: (B, A) for a conditional VAE) -> (LossTerms, model output in fp32,
+        generator adversarial loss or None).
 
         With `adversarial` (and a discriminator), terms.total includes adv_weight * H * W * pixel_weight * the
         generator's adversarial loss: the term weighs like one pixel error, whatever the decoder calibration."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            out = self.model(x)
+            out = self.model(x) if attrs is None else self.model(x, attrs)
         out = _float_output(out)
         t = self.tcfg
         if self.mcfg.family == "vae":
@@ -139,8 +142,10 @@ def _kl_weight(tcfg: TrainConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def _validate(step: _Step, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
-    """Validation loss terms, SSIM/PSNR of reconstructions, active units (VAE) or perplexity (VQ-VAE)."""
+def _validate(step: _Step, val_x: torch.Tensor, epoch: int, val_attrs: torch.Tensor | None = None
+              ) -> dict[str, float]:
+    """Validation loss terms, SSIM/PSNR of reconstructions, active units (VAE) or perplexity (VQ-VAE).
+    `val_attrs`: the slices' encoded attributes, for a conditional VAE."""
     from mrigen.metrics import image_metrics
 
     model, tcfg = step.model, step.tcfg
@@ -149,7 +154,8 @@ def _validate(step: _Step, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
     mus, recons, perplexities = [], [], []
     for start in range(0, len(val_x), tcfg.eval_batch_size):
         x = val_x[start:start + tcfg.eval_batch_size].float()
-        terms, out, _ = step(x, _kl_weight(tcfg, epoch))
+        a = None if val_attrs is None else val_attrs[start:start + tcfg.eval_batch_size]
+        terms, out, _ = step(x, _kl_weight(tcfg, epoch), attrs=a)
         v = _term_vector(terms, step.mcfg.family) * len(x)
         sums = v if sums is None else sums + v
         n += len(x)
@@ -172,17 +178,23 @@ def _validate(step: _Step, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _grids(model: torch.nn.Module, val_x: torch.Tensor, tcfg: TrainConfig, can_sample: bool) -> dict:
-    """Real val slices over their own reconstructions, and samples from a fixed generator."""
+def _grids(model: torch.nn.Module, val_x: torch.Tensor, tcfg: TrainConfig, can_sample: bool,
+           val_attrs: torch.Tensor | None = None) -> dict:
+    """Real val slices over their own reconstructions, and samples from a fixed generator (a conditional model's
+    samples are drawn under the attributes of the real slices in the grid, column by column)."""
     was_training = model.training
     model.eval()
     device = val_x.device
     idx = torch.linspace(0, len(val_x) - 1, min(tcfg.grid_n, len(val_x)), device=device).long()
     real = val_x[idx].float()
-    grids = {"reconstruction": make_grid([real, model.reconstruct(real)])}
+    attrs = None if val_attrs is None else val_attrs[idx]
+    recon = model.reconstruct(real, attrs) if attrs is not None and model.config.family == "vae" \
+        else model.reconstruct(real)
+    grids = {"reconstruction": make_grid([real, recon])}
     if can_sample:
         gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-        grids["samples"] = make_grid([model.sample(len(idx), generator=gen)])
+        kwargs = {} if attrs is None else {"conditions": attrs.cpu()}
+        grids["samples"] = make_grid([model.sample(len(idx), generator=gen, **kwargs)])
     model.train(was_training)
     return grids
 
@@ -194,6 +206,26 @@ def _check_resume(meta: dict, mcfg: ModelConfig, tcfg: TrainConfig, digest: str,
         raise CheckpointError(f"{ckpt}: checkpoint was written with another config; resume with the same one")
     if meta["data_digest"] != digest:
         raise CheckpointError(f"{ckpt}: checkpoint was trained on other data (store digest differs)")
+
+
+def _attributes(model: torch.nn.Module, mcfg: ModelConfig, store, seed: int, device: torch.device
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Encoded attributes `(N, A)` of the train and val slices for a conditional model (None, None otherwise); the
+    training rows are banked in the model for default sampling.
+
+    Raises:
+        ValueError: if an attribute has no known value in the training split (e.g. age in a cohort without ages).
+    """
+    if not mcfg.conditions:
+        return None, None
+    train_attrs = encode_rows(mcfg.conditions, store.slices("train"))
+    empty = [n for j, n in enumerate(mcfg.conditions) if torch.isnan(train_attrs[:, j]).all()]
+    if empty:
+        raise ValueError(f"model.conditions includes {', '.join(empty)} but no training slice of {store.path} has "
+                         f"a value for it")
+    model.condition_embedding.set_bank(train_attrs, torch.Generator().manual_seed(seed))
+    val_attrs = encode_rows(mcfg.conditions, store.slices("val"))
+    return train_attrs.to(device), val_attrs.to(device)
 
 
 def json_round(d: dict) -> dict:
@@ -249,6 +281,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                          f"in {store.path}")
     if len(val_x) == 0:
         raise ValueError(f"the store {store.path} has no validation slices")
+    train_attrs, val_attrs = _attributes(model, model_cfg, store, train_cfg.seed, device)
+    ae_attrs = train_attrs if model_cfg.family == "vae" else None     # the VQ-VAE conditions only its prior
+    ae_val_attrs = val_attrs if model_cfg.family == "vae" else None
     opt_cls = torch.optim.AdamW if train_cfg.weight_decay > 0 else torch.optim.Adam
     kwargs = {"fused": True} if device.type == "cuda" else {}
     groups = [{"params": list(model.parameters())}]
@@ -292,7 +327,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             for b in range(n_batches):
                 x = train_x[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]].float()
                 x = augment_batch(x, train_cfg.augment, gen)
-                terms, out, g_adv = step(x, kl_weight, adversarial)
+                a = None
+                if ae_attrs is not None:
+                    a = drop_conditions(ae_attrs[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]],
+                                        train_cfg.condition_dropout, gen)
+                terms, out, g_adv = step(x, kl_weight, adversarial, attrs=a)
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
                 optimizer.step()
@@ -314,7 +353,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             if model_cfg.family == "vae" and train_cfg.sigma != "fixed":
                 metrics["train_sigma"] = float(terms.pixel_weight.mul(2).rsqrt()) if train_cfg.recon == "mse" \
                     else float(terms.pixel_weight.reciprocal())
-            metrics.update(_validate(step, val_x, epoch))
+            metrics.update(_validate(step, val_x, epoch, ae_val_attrs))
             history.append({"epoch": epoch, **metrics})
             result.epochs_run = epoch + 1
             bar.set_postfix(loss=f"{metrics['train_loss']:.1f}", val_ssim=f"{metrics.get('val_ssim', 0):.3f}")
@@ -338,7 +377,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                 result.extra["early_stopped_epoch"] = epoch
                 break
             if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
-                grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae")
+                grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae", val_attrs=val_attrs)
                 for h in hooks:
                     h.on_images(ctx, epoch, grids)
         bar.close()
@@ -346,10 +385,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             result.extra["best_epoch"] = best.epoch
             log.info("restored the weights of epoch %d (best val_ssim %.4f)", best.epoch, best.value)
         if hasattr(model, "calibrate_reconstruction") and not result.stopped_early:
-            model.calibrate_reconstruction(train_x, train_cfg.eval_batch_size)
+            model.calibrate_reconstruction(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
 
         if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_steps > 0:
-            prior = train_prior(model, train_x, train_cfg, val_codes_from=val_x, progress=progress)
+            prior = train_prior(model, train_x, train_cfg, val_codes_from=val_x, progress=progress,
+                                train_attrs=train_attrs, val_attrs=val_attrs)
             result.extra["prior_loss"] = prior.train_nll
             result.extra["prior_val_nll"] = prior.val_nll
         model.eval()
@@ -364,7 +404,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
         if out_dir is not None:
             result.model_dir = Path(out_dir) / "model"
             save_model(model, result.model_dir)
-        grids = _grids(model, val_x, train_cfg, can_sample=can_sample)
+        grids = _grids(model, val_x, train_cfg, can_sample=can_sample, val_attrs=val_attrs)
         for h in hooks:
             h.on_images(ctx, result.epochs_run - 1, grids)
         writer.wait()                                                     # the last checkpoint is on disk

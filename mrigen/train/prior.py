@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from mrigen.train.config import TrainConfig
 
-__all__ = ["PriorResult", "encode_split", "train_prior"]
+__all__ = ["PriorResult", "drop_conditions", "encode_split", "train_prior"]
 
 REPORTS = 20  # points in the returned training-loss curve
 
@@ -25,6 +25,14 @@ class PriorResult(NamedTuple):
 
     train_nll: list[float]
     val_nll: float | None
+
+
+def drop_conditions(attrs: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Hide each attribute of each row (set it to NaN = unknown) with chance p: `(B, A)` -> `(B, A)`."""
+    if p <= 0:
+        return attrs
+    hide = torch.rand(attrs.shape, device=attrs.device, generator=gen) < p
+    return attrs.masked_fill(hide, float("nan"))
 
 
 @torch.no_grad()
@@ -46,13 +54,17 @@ def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int) 
 
 
 @torch.no_grad()
-def _mean_nll(prior: torch.nn.Module, codes: torch.Tensor, batch: int) -> float:
-    total = sum(float(prior.loss(codes[i:i + batch])) * len(codes[i:i + batch]) for i in range(0, len(codes), batch))
+def _mean_nll(prior: torch.nn.Module, codes: torch.Tensor, batch: int, attrs: torch.Tensor | None = None) -> float:
+    total = 0.0
+    for i in range(0, len(codes), batch):
+        a = None if attrs is None else attrs[i:i + batch]
+        total += float(prior.loss(codes[i:i + batch], a)) * len(codes[i:i + batch])
     return total / len(codes)
 
 
 def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig, *,
-                val_codes_from: torch.Tensor | None = None, progress: bool = True) -> PriorResult:
+                val_codes_from: torch.Tensor | None = None, progress: bool = True,
+                train_attrs: torch.Tensor | None = None, val_attrs: torch.Tensor | None = None) -> PriorResult:
     """Train `model.prior` by maximum likelihood on the code grids of `train_x` for `cfg.prior_steps` steps of
     `cfg.prior_batch_size` grids (seeded batches), then mark it trained.
 
@@ -62,6 +74,9 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         cfg: prior_steps, prior_batch_size, prior_lr, seed, eval_batch_size.
         val_codes_from: optional held-out images (M, 1, H, W); their NLL under the trained prior is reported
             (an NLL far above the training one means the prior memorised the training grids).
+        train_attrs, val_attrs: encoded attributes (N, A) / (M, A) of a conditional prior (see
+            mrigen.models.condition); each training row's attributes are hidden with chance
+            `cfg.condition_dropout`.
     """
     if cfg.prior_steps < 1:
         raise ValueError(f"prior_steps={cfg.prior_steps} must be >= 1 to train a prior")
@@ -80,7 +95,8 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
     bar = tqdm(range(cfg.prior_steps), desc="train code prior", unit="step", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(codes), (batch,), device=device, generator=gen)
-        loss = prior.loss(codes[idx])
+        attrs = None if train_attrs is None else drop_conditions(train_attrs[idx], cfg.condition_dropout, gen)
+        loss = prior.loss(codes[idx], attrs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -95,5 +111,6 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
     model.mark_prior_trained()
     val_nll = None
     if val_codes_from is not None and len(val_codes_from):
-        val_nll = _mean_nll(prior, encode_split(model, val_codes_from, cfg.eval_batch_size), cfg.eval_batch_size)
+        val_nll = _mean_nll(prior, encode_split(model, val_codes_from, cfg.eval_batch_size), cfg.eval_batch_size,
+                            val_attrs)
     return PriorResult(history, val_nll)

@@ -29,15 +29,15 @@ def resolved(model_dir) -> ResolvedModel:
 
 @pytest.fixture
 def sample_calls(monkeypatch) -> list[int]:
-    """Batch indices the generator samples (spied on `_sample_batch`)."""
+    """Batch indices the generator samples (spied on `_sample_conditioned`)."""
     calls: list[int] = []
-    real = gen._sample_batch
+    real = gen._sample_conditioned
 
-    def spy(model, b, seed, k):
+    def spy(model, b, seed, k, request):
         calls.append(k)
-        return real(model, b, seed, k)
+        return real(model, b, seed, k, request)
 
-    monkeypatch.setattr(gen, "_sample_batch", spy)
+    monkeypatch.setattr(gen, "_sample_conditioned", spy)
     return calls
 
 

@@ -188,3 +188,41 @@ def test_cli_bad_override_is_one_line_error(demo_store, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "kernel_size" in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["vae", "vqvae"])
+def test_conditional_training_banks_the_training_rows_and_samples_under_conditions(demo_store, family):
+    names = ("slice_pos", "site", "age", "sex")
+    model_cfg, train_cfg = build_configs(family, {"model": {**SMALL, "conditions": list(names)},
+                                                  "train": {**FAST, "epochs": 1, "grid_every": 1}})
+    grids = []
+
+    class Grids(Hook):
+        def on_images(self, ctx, epoch, images):
+            grids.append(images)
+
+    result = train(model_cfg, train_cfg, demo_store, hooks=[Grids()], progress=False)
+    emb = result.model.condition_embedding
+    from mrigen.models.condition import encode_rows
+
+    banked = emb.training_rows()
+    expected = encode_rows(names, demo_store.slices("train"))
+    assert torch.equal(banked, expected)                       # small store: every training row is banked
+    assert "samples" in grids[-1]
+    x = result.model.sample(3, generator=torch.Generator().manual_seed(0),
+                            conditions=[{"slice_pos": 0.5, "site": "HH", "age": None, "sex": None}] * 3)
+    assert x.shape == (3, 1, 32, 32) and torch.isfinite(x).all()
+
+
+def test_conditioning_on_an_attribute_the_store_lacks_is_refused(demo_store):
+    class NoAges:
+        def __getattr__(self, name):
+            return getattr(demo_store, name)
+
+        def slices(self, split):
+            return [{**row, "age": None} for row in demo_store.slices(split)]
+
+    model_cfg, train_cfg = build_configs("vae", {"model": {**SMALL, "conditions": ["age"]},
+                                                 "train": {**FAST, "epochs": 1}})
+    with pytest.raises(ValueError, match="conditions includes age but no training slice .* has a value"):
+        train(model_cfg, train_cfg, NoAges(), progress=False)
