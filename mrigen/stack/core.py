@@ -7,6 +7,7 @@ Layout of DIR:
     run/<service>.pid     pid files
     logs/<service>.log    server logs (no secret is passed where a server could log it)
     postgres/data         the PostgreSQL cluster (embedded server only)
+    postgres/install      under root: the copy of the server binaries it runs from (see postgres.server_bin)
     s3/data, s3/s3.json   SeaweedFS data and its identity file (0600)
     mlflow/               working dir of the MLflow server (auth .ini, no secret)
 
@@ -26,10 +27,12 @@ import secrets
 import signal
 import subprocess
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mrigen.stack import mlflow as mlflow_server
 from mrigen.stack import postgres, s3
@@ -241,7 +244,8 @@ class Stack:
         self.down()
         t0 = time.monotonic()
         try:
-            with tqdm(total=len(SERVICES), desc="stack up", unit="server", disable=not progress) as bar:
+            with (tqdm(total=len(SERVICES), desc="stack up", unit="server", disable=not progress) as bar,
+                  logging_redirect_tqdm() if progress else nullcontext()):  # warnings on their own line
                 self._start_all(creds, state, bar)
         except BaseException:
             self.down()
