@@ -100,7 +100,7 @@ def prepare(args: argparse.Namespace) -> TuneContext:
         study = open_study(spec, opts)                  # creates the study once; workers join it
         parent = None
         if tracking is not None:
-            parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}") if is_launcher
+            parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}", store) if is_launcher
                       else study.user_attrs.get("mlflow_parent_run_id"))
     return TuneContext(spec=spec, opts=opts, store=store, parent_run_id=parent, is_launcher=is_launcher)
 

@@ -69,11 +69,12 @@ class _RacingClient:
         self.reads += 1
         if self.reads == 1:
             return None
-        return type("E", (), {"experiment_id": "7", "lifecycle_stage": "active"})()
+        return type("E", (), {"experiment_id": "7", "lifecycle_stage": "active",
+                              "tags": {"mlflow.experimentKind": "custom_model_development"}})()
 
     tracking_uri = "http://test"
 
-    def create_experiment(self, name, artifact_location=None):
+    def create_experiment(self, name, artifact_location=None, tags=None):
         raise MlflowException("exists", error_code=self.error_code)
 
 
@@ -86,6 +87,18 @@ def test_experiment_creation_race_rereads_the_winner():
 def test_experiment_creation_other_errors_propagate():
     with pytest.raises(MlflowException):
         get_or_create_experiment(_RacingClient(databricks_pb2.PERMISSION_DENIED), "exp")
+
+
+def test_experiments_are_tagged_as_model_training_so_the_ui_opens_on_the_runs(tracking_env):
+    """MLflow 3's UI opens an experiment without `mlflow.experimentKind` on its GenAI overview; ours are tagged
+    when created, and an existing untagged one (made by an older mrigen) is tagged on first use."""
+    client, _ = make_client()
+    new = get_or_create_experiment(client, "kind-new")
+    assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("kind-old")
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert get_or_create_experiment(client, "kind-old") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_deleted_experiment_is_a_clear_error(tracking_env):
