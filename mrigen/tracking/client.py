@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 
 __all__ = ["DEFAULT_TRACKING_URI", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "TrackingError", "redact", "redact_uri",
            "resolve_tracking_uri", "make_client", "check_tracking_uri", "default_artifact_location",
-           "get_or_create_experiment", "git_commit", "error_line", "use_tracking_uri"]
+           "get_or_create_experiment", "git_commit", "error_line", "ui_runs_url", "use_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,19 @@ def get_or_create_experiment(client: MlflowClient, name: str, attempts: int = 5)
                 raise
             last = exc
     raise TrackingError(f"could not create or find experiment {name!r}: {error_line(last)}")
+
+
+def ui_runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page listing an experiment's runs (no credentials in it).
+
+    MLflow 3.17's UI opens every experiment on its GenAI overview (traces, tokens) unless the URL carries
+    `workflowType=machine_learning` or the browser remembers its "Model training" switch; the experiment tag
+    (`EXPERIMENT_KIND_TAG`) is not enough there. A local (SQLite) store is shown by `mlflow ui` at its default
+    address, http://127.0.0.1:5000.
+    """
+    remote = tracking_uri.startswith(("http://", "https://"))
+    base = redact_uri(tracking_uri).rstrip("/") if remote else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def git_commit(path: Path | None = None) -> str | None:

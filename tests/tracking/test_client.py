@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
 from mrigen.tracking import (MlflowHook, TrackingError, check_tracking_uri, get_or_create_experiment, git_commit,
-                             make_client, redact, resolve_tracking_uri)
+                             make_client, redact, resolve_tracking_uri, ui_runs_url)
 from mrigen.tracking.worker import MAX_METRICS_PER_BATCH, LogWorker
 
 
@@ -99,6 +99,14 @@ def test_experiments_are_tagged_as_model_training_so_the_ui_opens_on_the_runs(tr
     assert "mlflow.experimentKind" not in client.get_experiment(old).tags
     assert get_or_create_experiment(client, "kind-old") == old
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_runs_url_opens_the_runs_page_without_credentials():
+    """MLflow 3.17's UI needs `workflowType=machine_learning` in the URL to open an experiment on its runs (the
+    browser test checks that it does); a local store is shown by `mlflow ui` at its default address."""
+    assert (ui_runs_url("http://bob:s3cret@tracking.example:5000/", "7")
+            == "http://tracking.example:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert ui_runs_url("sqlite:////w/mlflow.db", "1").startswith("http://127.0.0.1:5000/#/experiments/1/runs?")
 
 
 def test_deleted_experiment_is_a_clear_error(tracking_env):
