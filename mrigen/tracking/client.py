@@ -208,7 +208,7 @@ def ui_runs_url(tracking_uri: str, experiment_id: str) -> str:
     address, http://127.0.0.1:5000.
     """
     remote = tracking_uri.startswith(("http://", "https://"))
-    base = redact_uri(tracking_uri).rstrip("/") if remote else "http://127.0.0.1:5000"
+    base = redact(_USERINFO.sub(r"\g<scheme>", tracking_uri)).rstrip("/") if remote else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
