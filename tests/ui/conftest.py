@@ -37,6 +37,15 @@ FIXED_METRICS = {"ssim": 0.5, "psnr": 20.0, "fd": 1.0, "fd_real": 0.5, "fd_ratio
                  "memorised": 0.0}
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Record on the test item whether its call failed (the `page` fixture then keeps what the browser showed)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed = True
+    return report
+
+
 @pytest.fixture(scope="session")
 def screenshot_dir() -> Path | None:
     """Where to save the README's screenshots (`MRIGEN_UI_SCREENSHOTS`), or None."""
@@ -64,7 +73,7 @@ class UiStudy:
     experiment_id: str
     parent_id: str
     trial_ids: tuple[str, ...]
-    store_name: str             # the dataset name of the slice store (the runs table's Dataset column)
+    store_name: str             # the slice store's dataset name, as the trials logged it
     grid: str                   # artifact path of a trial's last reconstruction grid
     grid_size: tuple[int, int]  # its (width, height) in pixels
     model_name: str
@@ -113,5 +122,5 @@ def ui_study(chromium, stack, screenshot_dir, tmp_path_factory) -> UiStudy:
     champion = client.get_model_version_by_alias(f"mrigen-{STUDY}", "champion")
     return UiStudy(study=STUDY, base_url=stack.tracking_uri.rstrip("/"), runs_page=link.group(1), experiment_id=exp.experiment_id,
                    parent_id=parent.info.run_id, trial_ids=tuple(t.info.run_id for t in trials),
-                   store_name=parent.inputs.dataset_inputs[0].dataset.name, grid=grids[-1], grid_size=grid_size,
+                   store_name=trials[0].inputs.dataset_inputs[0].dataset.name, grid=grids[-1], grid_size=grid_size,
                    model_name=f"mrigen-{STUDY}", champion_version=champion.version)

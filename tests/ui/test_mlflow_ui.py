@@ -31,12 +31,23 @@ def browser(chromium) -> Iterator:
 
 
 @pytest.fixture
-def page(browser) -> Iterator:
-    """A fresh browser profile per test (nothing remembered, as for a new user), sized like a laptop screen."""
+def page(browser, request, tmp_path) -> Iterator:
+    """A fresh browser profile per test (nothing remembered, as for a new user), sized like a laptop screen. When the
+    test fails, what the browser showed is kept: a screenshot, the URL, the page's errors and its visible text."""
     context = browser.new_context(viewport={"width": 1400, "height": 860})
     context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on("requestfailed", lambda req: errors.append(f"request failed: {req.url} {req.failure}"))
     try:
-        yield context.new_page()
+        yield page
+        if getattr(request.node, "failed", False):
+            page.screenshot(path=str(tmp_path / "failure.png"))
+            text = page.locator("body").inner_text(timeout=5_000)[:1500]
+            print(f"browser at {page.url}; screenshot {tmp_path / 'failure.png'}\n" + "\n".join(errors[-20:]) +
+                  f"\n--- page text ---\n{text}")
     finally:
         context.close()
 
