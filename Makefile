@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STUDY  ?= vae-kernels
 
-.PHONY: install test tune clean
+.PHONY: install chromium test tune clean
 
 $(BIN)/.mrigen-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,20 @@ $(BIN)/.mrigen-installed: pyproject.toml
 
 install: $(BIN)/.mrigen-installed
 
-test: install
+# The browser test (tests/ui) drives Debian's chromium, headless. As root with apt-get (CI) it is installed here and
+# an apt failure stops the run; otherwise the test is skipped and says how to install it.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the MLflow UI browser test (apt-get install -y chromium)"; \
+	  export DEBIAN_FRONTEND=noninteractive; log=$$(mktemp); \
+	  if ! { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >$$log 2>&1; \
+	  then tail -n 20 $$log >&2; echo "error: apt-get install -y chromium failed (full log: $$log)" >&2; exit 1; fi; \
+	  rm -f $$log; command -v chromium >/dev/null || { echo "error: chromium is not on PATH after apt-get" >&2; exit 1; }; \
+	  chromium --version 2>/dev/null; \
+	else echo "note: no chromium and not root with apt-get: the browser test (tests/ui) will be skipped"; fi
+
+test: install chromium
 	$(BIN)/python -m pytest
 
 tune: install

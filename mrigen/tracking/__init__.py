@@ -8,10 +8,11 @@
 
 from mrigen.tracking.client import (DEFAULT_TRACKING_URI, TrackingError, check_tracking_uri, error_line,
                                     get_or_create_experiment, git_commit, make_client, redact, redact_uri,
-                                    resolve_tracking_uri, use_tracking_uri)
+                                    resolve_tracking_uri, ui_runs_url, use_tracking_uri)
 from mrigen.tracking.hook import MlflowHook
 from mrigen.tracking.model_log import MODEL_NAME, PYFUNC_MODEL_PATH, log_pyfunc_model, model_signature
 
 __all__ = ["DEFAULT_TRACKING_URI", "MODEL_NAME", "MlflowHook", "PYFUNC_MODEL_PATH", "TrackingError",
            "check_tracking_uri", "error_line", "get_or_create_experiment", "git_commit", "log_pyfunc_model",
-           "make_client", "model_signature", "redact", "redact_uri", "resolve_tracking_uri", "use_tracking_uri"]
+           "make_client", "model_signature", "redact", "redact_uri", "resolve_tracking_uri", "ui_runs_url",
+           "use_tracking_uri"]

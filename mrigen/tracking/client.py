@@ -17,13 +17,16 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-__all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "redact", "redact_uri", "resolve_tracking_uri", "make_client",
-           "check_tracking_uri", "default_artifact_location", "get_or_create_experiment", "git_commit", "error_line", "use_tracking_uri"]
+__all__ = ["DEFAULT_TRACKING_URI", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "TrackingError", "redact", "redact_uri",
+           "resolve_tracking_uri", "make_client", "check_tracking_uri", "default_artifact_location",
+           "get_or_create_experiment", "git_commit", "error_line", "ui_runs_url", "use_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORK_DIR = "mrigen-work"   # `python -m mrigen.tune`'s default --work-dir, relative to the working directory
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_WORK_DIR}/mlflow.db"   # embedded default: where tune tracks by default
+# The MLflow 3 UI opens an experiment without this tag on its GenAI overview (traces); this value opens the runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
                "MRIGEN_S3_SECRET_KEY", "MRIGEN_S3_ACCESS_KEY", "MRIGEN_PG_PASSWORD")
@@ -165,7 +168,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, attempts: int = 5)
     """Experiment id for `name`, creating it if needed; safe when many processes race to create it.
 
     A loser of the creation race gets RESOURCE_ALREADY_EXISTS and re-reads the winner's id, so no run ever falls
-    back to the default experiment (which `mlflow.set_experiment` races can cause).
+    back to the default experiment (which `mlflow.set_experiment` races can cause). The experiment is tagged as a
+    model-training one (`EXPERIMENT_KIND_TAG`) so the MLflow UI opens on its runs; an existing experiment without
+    that tag (made by an older mrigen) gets it.
 
     Raises:
         TrackingError: the experiment exists but is deleted, or it could not be created.
@@ -179,16 +184,32 @@ def get_or_create_experiment(client: MlflowClient, name: str, attempts: int = 5)
             if exp.lifecycle_stage == "deleted":
                 raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore "
                                     f"--experiment-id {exp.experiment_id}) or choose another name")
+            if EXPERIMENT_KIND_TAG not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
             return client.create_experiment(name, artifact_location=default_artifact_location(client.tracking_uri,
-                                                                                              name))
+                                                                                              name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:
             # The other creator won; anything else (or a database-level unique violation) is re-read too.
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "INVALID_STATE", "INTERNAL_ERROR"):
                 raise
             last = exc
     raise TrackingError(f"could not create or find experiment {name!r}: {error_line(last)}")
+
+
+def ui_runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page listing an experiment's runs (no credentials in it).
+
+    MLflow 3.17's UI opens every experiment on its GenAI overview (traces, tokens) unless the URL carries
+    `workflowType=machine_learning` or the browser remembers its "Model training" switch; the experiment tag
+    (`EXPERIMENT_KIND_TAG`) is not enough there. A local (SQLite) store is shown by `mlflow ui` at its default
+    address, http://127.0.0.1:5000.
+    """
+    remote = tracking_uri.startswith(("http://", "https://"))
+    base = redact(_USERINFO.sub(r"\g<scheme>", tracking_uri)).rstrip("/") if remote else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def git_commit(path: Path | None = None) -> str | None:

@@ -35,7 +35,7 @@ from mrigen.tracking.worker import LogWorker
 if TYPE_CHECKING:  # pragma: no cover
     from mrigen.train.loop import TrainResult
 
-__all__ = ["MlflowHook", "PARAM_MAX_CHARS"]
+__all__ = ["MlflowHook", "PARAM_MAX_CHARS", "store_dataset_input"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class MlflowHook(Hook):
             params += [Param("data.n_train", str(ctx.n_train)), Param("data.n_val", str(ctx.n_val))]
             for i in range(0, len(params), 100):         # log_batch takes at most 100 params per call
                 self.client.log_batch(self.run_id, params=params[i:i + 100], synchronous=True)
-            self._log_inputs_retrying(_dataset_input(ctx))
+            self._log_inputs_retrying(store_dataset_input(ctx.data_path, ctx.data_digest, ctx.n_train, ctx.n_val))
             self._worker = LogWorker(self.client, self.run_id, interval_s=self.flush_interval_s)
             self._start_system_metrics(ctx)
         except BaseException as exc:
@@ -337,10 +337,10 @@ def _param_value(value: Any) -> str:
     return redact(text)[:PARAM_MAX_CHARS]
 
 
-def _dataset_input(ctx: TrainContext) -> DatasetInput:
-    """The slice store as a run input: its digest identifies the data."""
-    source = json.dumps({"uri": redact(ctx.data_path)})
-    dataset = Dataset(name=Path(ctx.data_path).name or "slice-store", digest=ctx.data_digest[:36],
-                      source_type="local", source=source,
-                      profile=json.dumps({"n_train": ctx.n_train, "n_val": ctx.n_val, "sha256": ctx.data_digest}))
+def store_dataset_input(path: str, digest: str, n_train: int, n_val: int) -> DatasetInput:
+    """The slice store as a run input (context "train"): its digest identifies the data. The trials and the study's
+    parent run log the same one, so the UI's Dataset column names the store on both."""
+    source = json.dumps({"uri": redact(str(path))})
+    dataset = Dataset(name=Path(path).name or "slice-store", digest=digest[:36], source_type="local", source=source,
+                      profile=json.dumps({"n_train": n_train, "n_val": n_val, "sha256": digest}))
     return DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", "train")])

@@ -100,7 +100,7 @@ def prepare(args: argparse.Namespace) -> TuneContext:
         study = open_study(spec, opts)                  # creates the study once; workers join it
         parent = None
         if tracking is not None:
-            parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}") if is_launcher
+            parent = (ensure_parent_run(study, spec, tracking, f"mrigen-{spec.name}", store) if is_launcher
                       else study.user_attrs.get("mlflow_parent_run_id"))
     return TuneContext(spec=spec, opts=opts, store=store, parent_run_id=parent, is_launcher=is_launcher)
 
@@ -134,10 +134,15 @@ def finish(ctx: TuneContext, study: optuna.Study) -> None:
         print(f"\nno trial completed; see the log above. Nothing was registered under {name}.")
         return
     best = ensure_champion(study, spec, name, opts.tracking_uri)
-    from mrigen.tracking import redact_uri
+    from mlflow import MlflowClient
+
+    from mrigen.tracking import redact_uri, ui_runs_url
 
     uri = redact_uri(opts.tracking_uri)
-    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}")
+    runs_page = ui_runs_url(opts.tracking_uri,
+                            MlflowClient(opts.tracking_uri).get_experiment_by_name(f"mrigen-{spec.name}").experiment_id)
+    ui = (f"mlflow ui --backend-store-uri {uri}, then open {runs_page}" if uri.startswith("sqlite")
+          else f"open {runs_page}")
     rule = (f"trial {best.number} ranks first under the promotion rule ({spec.promotion})" if best is not None else
             f"no trial meets the promotion rule ({spec.promotion}); nothing new was offered for champion")
     print(f"\n{rule}\n" + champion_report(name, opts.tracking_uri, spec, demo=not opts.full_budget) +

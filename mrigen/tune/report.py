@@ -16,11 +16,13 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 
 
-def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, experiment: str) -> str:
+def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, experiment: str,
+                      store=None) -> str:
     """Return the study's parent run id, creating it once even when several workers start together.
 
     Racing workers may each create a parent run; all then pick the oldest one with the study's tags, delete
-    their own if it lost, and record the winner in the study's user attributes.
+    their own if it lost, and record the winner in the study's user attributes. The parent logs `store` (the
+    slice store) as its dataset input, the same one its trials log.
     """
     from mlflow import MlflowClient
 
@@ -44,6 +46,12 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
             _param("study.family", spec.family), _param("study.metric", ",".join(spec.metrics)),
             _param("study.direction", ",".join(spec.directions)), _param("study.file", spec.path.name),
             _param("study.promotion", str(spec.promotion))])
+        if store is not None:
+            from mrigen.tracking.hook import store_dataset_input
+
+            dataset = store_dataset_input(store.path, store.digest, len(store.images("train")),
+                                          len(store.images("val")))
+            _with_retries(lambda: client.log_inputs(mine, datasets=[dataset]), "log the study's dataset input")
     study.set_user_attr(PARENT_ATTR, winner)
     return winner
 

@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
 from mrigen.tracking import (MlflowHook, TrackingError, check_tracking_uri, get_or_create_experiment, git_commit,
-                             make_client, redact, resolve_tracking_uri)
+                             make_client, redact, resolve_tracking_uri, ui_runs_url)
 from mrigen.tracking.worker import MAX_METRICS_PER_BATCH, LogWorker
 
 
@@ -69,11 +69,12 @@ class _RacingClient:
         self.reads += 1
         if self.reads == 1:
             return None
-        return type("E", (), {"experiment_id": "7", "lifecycle_stage": "active"})()
+        return type("E", (), {"experiment_id": "7", "lifecycle_stage": "active",
+                              "tags": {"mlflow.experimentKind": "custom_model_development"}})()
 
     tracking_uri = "http://test"
 
-    def create_experiment(self, name, artifact_location=None):
+    def create_experiment(self, name, artifact_location=None, tags=None):
         raise MlflowException("exists", error_code=self.error_code)
 
 
@@ -86,6 +87,26 @@ def test_experiment_creation_race_rereads_the_winner():
 def test_experiment_creation_other_errors_propagate():
     with pytest.raises(MlflowException):
         get_or_create_experiment(_RacingClient(databricks_pb2.PERMISSION_DENIED), "exp")
+
+
+def test_experiments_are_tagged_as_model_training_so_the_ui_opens_on_the_runs(tracking_env):
+    """MLflow 3's UI opens an experiment without `mlflow.experimentKind` on its GenAI overview; ours are tagged
+    when created, and an existing untagged one (made by an older mrigen) is tagged on first use."""
+    client, _ = make_client()
+    new = get_or_create_experiment(client, "kind-new")
+    assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("kind-old")
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert get_or_create_experiment(client, "kind-old") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_runs_url_opens_the_runs_page_without_credentials():
+    """MLflow 3.17's UI needs `workflowType=machine_learning` in the URL to open an experiment on its runs (the
+    browser test checks that it does); a local store is shown by `mlflow ui` at its default address."""
+    assert (ui_runs_url("http://bob:s3cret@tracking.example:5000/", "7")
+            == "http://tracking.example:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert ui_runs_url("sqlite:////w/mlflow.db", "1").startswith("http://127.0.0.1:5000/#/experiments/1/runs?")
 
 
 def test_deleted_experiment_is_a_clear_error(tracking_env):

@@ -52,6 +52,9 @@ def test_three_trial_study_on_sqlite_then_generate(tiny_study, tune_store, tmp_p
     assert header.split()[:9] == ["trial", "state", "val_ssim", "fd_ratio", "precision", "recall", "memorised",
                                   "rule", "seconds"]
     assert "held-out recon: SSIM 0.500" in out and "fd_ratio 1.900" in out
+    exp_id = MlflowClient(tracking).get_experiment_by_name("mrigen-tiny").experiment_id
+    assert (f"mlflow ui --backend-store-uri {tracking}, then open "
+            f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning") in out
     gen = subprocess.run([sys.executable, "-m", "mrigen.generate", "--model", "models:/mrigen-tiny@champion",
                           "-n", "4", "--out", str(tmp_path / "synthetic"), "--tracking-uri", tracking],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)

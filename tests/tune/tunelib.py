@@ -29,3 +29,7 @@ def check_study(storage: str, tracking: str, study_name: str, n: int) -> None:
     assert champion.run_id == best_by_rule(study, champion.tags).user_attrs["mlflow_run_id"]
     parent = client.get_run(parent_id)
     assert parent.data.metrics["n_complete"] >= 1 and parent.info.status == "FINISHED"
+    # The UI opens the experiment on its runs, and shows the store in the Dataset column of parent and trials.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    stores = {(d.dataset.name, d.dataset.digest) for r in [parent, *children] for d in r.inputs.dataset_inputs}
+    assert len(stores) == 1 and len(parent.inputs.dataset_inputs) == 1
