@@ -40,3 +40,9 @@ tune: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# docker-compose.yml brought up for real (root; installs Docker from Debian if missing, builds the base images
+# offline, trains + registers through the stack, restarts it, verifies): see docs/STACK.md.
+.PHONY: compose-check
+compose-check: install
+	PYTHON=$(abspath $(BIN))/python bash .ci/compose_check.sh

@@ -1,7 +1,7 @@
-# syntax=docker/dockerfile:1
 # GPU worker for Optuna trials: `python -m mrigen.tune` joining the study in the shared PostgreSQL and
 # logging to the MLflow server. Build context is the repository root (docker-compose.yml, profile "gpu").
-FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+FROM ${PYTORCH_IMAGE}
 
 WORKDIR /opt/mrigen
 COPY pyproject.toml README.md* ./

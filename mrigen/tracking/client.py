@@ -23,6 +23,22 @@ __all__ = ["DEFAULT_TRACKING_URI", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "Tr
 
 log = logging.getLogger(__name__)
 
+# Artifacts always stream through the tracking server. MLflow >= 3.17 clients otherwise ask a server with an S3
+# destination for presigned URLs and download from S3 directly, at the S3 address the *server* uses
+# (`http://seaweedfs:8333` in docker-compose.yml), which a client outside that network cannot resolve and which
+# the proxied-artifact setup promises clients never need. Same for multipart uploads (files >= 500 MB).
+_PROXIED_ARTIFACTS_ENV = ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD")
+
+
+def _prefer_proxied_artifacts() -> None:
+    """Turn MLflow's presigned-URL artifact transfers off in this process and its children, unless the user set
+    them (child processes inherit the environment)."""
+    for name in _PROXIED_ARTIFACTS_ENV:
+        os.environ.setdefault(name, "false")
+
+
+_prefer_proxied_artifacts()
+
 DEFAULT_WORK_DIR = "mrigen-work"   # `python -m mrigen.tune`'s default --work-dir, relative to the working directory
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_WORK_DIR}/mlflow.db"   # embedded default: where tune tracks by default
 # The MLflow 3 UI opens an experiment without this tag on its GenAI overview (traces); this value opens the runs.
