@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_testlib import log_untrained_model
-from mrigen.registry import register
+from mrigen.registry import Condition, RegistryError, promote_if_better, register
 from mrigen.registry.__main__ import main as registry_cli
 from mrigen.utility.__main__ import main as utility_cli
 
@@ -40,6 +40,10 @@ def test_cli_logs_a_nested_run_and_tags_the_version(tracking_env, demo_store, ca
     assert registry_cli(["show", "util-model"]) == 0
     shown = capsys.readouterr().out
     assert "utility slice_pos (mae, F=0.25, 2 seeds): real" in shown and "+16 synthetic" in shown
+    # A promotion rule can require a utility figure like any recorded metric.
+    with pytest.raises(RegistryError, match="utility_slice_pos_tstr_ratio=.* fails >= 1e"):
+        promote_if_better("util-model", version, require=(Condition.parse_expr("val_utility_slice_pos_tstr_ratio>=1e9"),))
+    assert promote_if_better("util-model", version, require=(Condition.parse_expr("val_utility_slice_pos_gain>=-1e9"),))
 
 
 @pytest.mark.parametrize("args, message", [
