@@ -20,7 +20,7 @@ import torch
 
 from mrigen.metrics.probe import SEXES, label_info
 
-__all__ = ["TASKS", "Task", "Labels", "get_task", "chance_score"]
+__all__ = ["TASKS", "Task", "Labels", "get_task", "chance_score", "subject_floor"]
 
 
 @dataclass(frozen=True)
