@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mrigen.data.config import IngestConfig
-from mrigen.data.demo import make_demo_cohort
+from mrigen.data.demo import DEMO_VERSION, make_demo_cohort
 from mrigen.data.ingest import ingest
 from mrigen.data.store import SliceStore, StoreError
 from mrigen.locks import file_lock
@@ -48,13 +48,15 @@ def build_demo_store(work_dir: Path | str, subjects: int = DEMO_SUBJECTS, size: 
     cohort, store_path = root / "ixi", root / f"store-{size}"
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / ".lock"):
-        marker = {"subjects": subjects, "seed": seed, "modality": modality, "voxel_scale": scale}
+        marker = {"subjects": subjects, "seed": seed, "modality": modality, "voxel_scale": scale,
+                  "demo_version": DEMO_VERSION}
         marker_path = cohort / _COHORT_MARKER
-        if not marker_path.is_file() or json.loads(marker_path.read_text()) != marker:
+        regenerated = not marker_path.is_file() or json.loads(marker_path.read_text()) != marker
+        if regenerated:
             make_demo_cohort(cohort, subjects=subjects, seed=seed, modality=modality, voxel_scale=scale,
                              progress=progress)
             marker_path.write_text(json.dumps(marker))
-        if store_path.exists():
+        if store_path.exists() and not regenerated:  # a store of an older cohort is rebuilt
             try:
                 store = SliceStore.open(store_path)
             except StoreError:

@@ -2,7 +2,8 @@
 
 Each subject is the template with a random pose and head size, a smooth random deformation, age-dependent
 ventricle enlargement and brain atrophy (the brain shrinks inside an unchanged skull), a scalp/skull/CSF
-envelope, T1, T2 or PD contrast, a smooth multiplicative bias field and Rician scanner noise, written as int16
+envelope, T1, T2 or PD contrast, a smooth multiplicative bias field and Rician scanner noise, with the look of
+its site's scanner (IXI: Guys = Philips 1.5T, HH = Philips 3T, IOP = GE 1.5T; see ``SITE_LOOK``), written as int16
 NIfTI with an IXI-like grid: T1 sagittal 256x256x150 at 0.94x0.94x1.2 mm, T2/PD axial 256x256x130. Files are
 named ``IXI<id>-<site>-<nnnn>-<mod>.nii.gz`` and ``IXI.csv`` holds IXI's demographics columns.
 Deterministic for a seed; a subject's anatomy and demographics do not depend on the modality.
@@ -22,7 +23,12 @@ from tqdm import tqdm
 
 from mrigen.data.ixi import DEMOGRAPHIC_COLUMNS, SITES, ixi_name
 
-__all__ = ["make_demo_cohort", "demo_subjects", "DemoSubject", "GRIDS"]
+__all__ = ["make_demo_cohort", "demo_subjects", "DemoSubject", "GRIDS", "DEMO_VERSION", "SITE_LOOK", "SiteLook"]
+
+# Bumped whenever the generated images change, so cached cohorts and stores are rebuilt (mrigen.data.build).
+# 2: site-specific scanner appearance (contrast curve, bias field, noise, blur) instead of an int16 gain only,
+#    which per-volume percentile normalisation removed (the site was unlearnable from the slices).
+DEMO_VERSION = 2
 
 # Per modality: (array axis codes, shape, voxel size mm) at voxel_scale 1, as IXI stores them.
 GRIDS = {
@@ -42,7 +48,35 @@ _CONTRAST = {
 }
 _ENVELOPE = {"T1": (0.12, 0.04, 0.75), "T2": (0.95, 0.04, 0.55), "PD": (0.8, 0.08, 0.7)}  # csf, skull, scalp
 _LAYERS_MM = (2.0, 7.0, 13.0)  # outer edges of CSF, skull and scalp layers, distance from the brain surface
-_SITE_GAIN = {"Guys": 1100.0, "HH": 700.0, "IOP": 1500.0}  # int16 full-scale per site (scanner differences)
+_SITE_GAIN = {"Guys": 1100.0, "HH": 700.0, "IOP": 1500.0}  # int16 full-scale per site (removed by normalisation)
+
+
+@dataclass(frozen=True)
+class SiteLook:
+    """What a site's scanner does to an image, beyond its int16 scale (survives percentile normalisation).
+
+    Attributes:
+        gamma: contrast curve, intensity -> intensity**gamma before the bias field (< 1 lifts grey matter).
+        bias_std: std of the log of the smooth random bias field (receive-coil inhomogeneity).
+        centre_gain: extra brightening at the centre of the head, Gaussian of 60 mm (3T dielectric effect).
+        noise: Rician noise sigma relative to full white-matter signal (lower at 3T: more SNR).
+        blur_mm: Gaussian sigma of the vendor's reconstruction filter, mm (0 = none).
+    """
+
+    gamma: float
+    bias_std: float
+    centre_gain: float
+    noise: float
+    blur_mm: float
+
+
+# Guys: the 1.5T reference look; HH: 3T (more SNR, stronger and centre-bright inhomogeneity, flatter T1 contrast);
+# IOP: the other vendor at 1.5T (steeper contrast curve, smoother reconstruction, a little more noise).
+SITE_LOOK = {
+    "Guys": SiteLook(gamma=1.0, bias_std=0.10, centre_gain=0.0, noise=0.025, blur_mm=0.0),
+    "HH": SiteLook(gamma=0.75, bias_std=0.18, centre_gain=0.25, noise=0.012, blur_mm=0.0),
+    "IOP": SiteLook(gamma=1.35, bias_std=0.08, centre_gain=0.0, noise=0.03, blur_mm=1.2),
+}
 
 
 @dataclass(frozen=True)
@@ -173,9 +207,18 @@ def _subject_volume(subject: DemoSubject, modality: str, voxel_scale: int, seed:
     inside = brain > 0.15
     image = envelope.astype(np.float32)
     image[inside] = np.interp(brain[inside], xp, fp)
+    look = SITE_LOOK[subject.site]
+    image = np.power(np.clip(image, 0.0, None), look.gamma, dtype=np.float32)  # the site's contrast curve
     noise_rng = np.random.default_rng([seed, subject.ixi_id, list(GRIDS).index(modality)])
-    image *= np.exp(_smooth_field(noise_rng, shape, 4, 0.12))  # bias field
-    sigma = 0.025
+    image *= np.exp(_smooth_field(noise_rng, shape, 4, look.bias_std))  # bias field
+    zooms = np.abs(affine[:3, :3]).sum(0)  # mm per voxel along each array axis
+    if look.centre_gain:
+        r2 = sum(((np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * z).reshape([-1 if a == i else 1 for a in range(3)])
+                 ** 2 for i, (n, z) in enumerate(zip(shape, zooms)))
+        image *= 1.0 + look.centre_gain * np.exp(-r2 / (2 * 60.0**2)).astype(np.float32)
+    if look.blur_mm:
+        image = ndimage.gaussian_filter(image, look.blur_mm / zooms)
+    sigma = look.noise
     image = np.hypot(image + noise_rng.normal(0, sigma, shape).astype(np.float32),
                      noise_rng.normal(0, sigma, shape).astype(np.float32))  # Rician magnitude noise
     gain = _SITE_GAIN[subject.site] * noise_rng.uniform(0.9, 1.1)

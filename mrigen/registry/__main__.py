@@ -35,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _utility_line(task: str, u: dict) -> str:
+    """One line of a version's utility result, e.g. `utility site (acc): real 0.71 -> +1000 synthetic 0.78 (gain)`."""
+    try:
+        return (f"utility {task} ({u['metric']}, F={u['real_fraction']:g}, {u['seeds']} seeds): real "
+                f"{u['real']:.4g}+-{u['real_std']:.2g} -> +{u['n_synthetic']} synthetic {u['real_synthetic']:.4g}"
+                f"+-{u['real_synthetic_std']:.2g} ({u['verdict']}); synthetic only {u['synthetic']:.4g} (TSTR "
+                f"{u['tstr_ratio']:.2f}); classic aug {u['classic']:.4g}; labels: {u['label_source']}")
+    except (KeyError, TypeError, ValueError):
+        return f"utility {task}: {u}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; errors are one line on stderr with exit status 1."""
     args = _parser().parse_args(argv)
@@ -52,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             for v in info["versions"]:
                 aliases = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
                 print(f"  v{v['version']}{aliases}\t{v['status']}\t{v['metric']}={v['value']}\trun {v['run_id']}")
+                for task, u in v.get("utility", {}).items():
+                    print(f"    {_utility_line(task, u)}")
             if info["description"]:
                 print("\n" + info["description"])
             if info["champion_card"]:

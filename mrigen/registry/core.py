@@ -295,8 +295,21 @@ def list_models(tracking_uri: str | None = None) -> list[dict]:
     return sorted(out, key=lambda d: d["name"])
 
 
+def _utility_tags(mv) -> dict[str, dict]:
+    """{task: summary} from a version's `utility.<task>` tags (written by `python -m mrigen.utility`)."""
+    out = {}
+    for k, v in sorted((mv.tags or {}).items()):
+        if k.startswith("utility."):
+            try:
+                out[k.removeprefix("utility.")] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k.removeprefix("utility.")] = {"raw": v}
+    return out
+
+
 def show(name: str, tracking_uri: str | None = None) -> dict:
-    """A registered model: description, the champion's model card, and each version's run, metric, aliases.
+    """A registered model: description, the champion's model card, and each version's run, metric, aliases and
+    augmentation-utility results (`utility`: {task: summary}).
 
     Raises:
         RegistryError: no registered model with that name.
@@ -310,7 +323,7 @@ def show(name: str, tracking_uri: str | None = None) -> dict:
     versions = [{"version": str(v.version), "run_id": v.run_id, "status": v.status,
                  "metric": (v.tags or {}).get(METRIC_TAG), "value": (v.tags or {}).get(VALUE_TAG),
                  "data_digest": (v.tags or {}).get("mrigen.data_digest"), "aliases": sorted(by_version.get(str(v.version), [])),
-                 "created": v.creation_timestamp}
+                 "created": v.creation_timestamp, "utility": _utility_tags(v)}
                 for v in sorted(_versions(client, name), key=lambda m: int(m.version))]
     return {"name": rm.name, "description": rm.description, "champion": str(champ.version) if champ else None,
             "champion_card": champ.description if champ else None, "versions": versions}

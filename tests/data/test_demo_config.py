@@ -44,7 +44,7 @@ def test_t2_is_axial_with_inverted_contrast(tmp_path):
 
 
 def test_ventricles_grow_with_age():
-    young = DemoSubject(ixi_id=50, site="HH", scan=1, age=22.0, sex_id=1)
+    young = DemoSubject(ixi_id=50, site="Guys", scan=1, age=22.0, sex_id=1)  # the reference scanner look
     old = dataclasses.replace(young, age=85.0)
     dark = []
     for subject in (young, old):

@@ -1,0 +1,119 @@
+"""Augmentation-utility benchmark: the champion recipe's synthetic slices, four arms, every task, one table.
+
+Trains the VQ-VAE recipe of bench/quality.py (unconditional: the probes label its samples) on the demo store, or
+takes `--model` (a saved model directory or a models:/ / runs:/ URI), then runs `mrigen.utility`'s protocol for
+each task on the demo store's held-out test subjects and prints the tables, a one-line summary per task and the
+issue's targets (F = 0.25: real + synthetic beats real only on `site` and `slice_pos` by more than the seed
+spread; TSTR >= 80% of real only).
+
+    python bench/utility.py --mode cpu                              # 64 px on the CPU (target <= 15 min)
+    python bench/utility.py --mode gpu                              # 128 px on CUDA
+    python bench/utility.py --mode cpu --model bench-work/utility/model --task site
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import MODES, recommended  # noqa: E402  (the champion recipe and the mode's size / device)
+
+from mrigen.data import DEMO_SUBJECTS, build_demo_store  # noqa: E402
+from mrigen.utility import TASKS, UtilityConfig, run_utility, summary, table  # noqa: E402
+from mrigen.utility.report import plot  # noqa: E402
+
+TARGET_TASKS = ("site", "slice_pos")
+TSTR_TARGET = 0.8
+
+
+def train_recipe(store, mode: str, out: Path, epochs: int | None, prior_steps: int | None):
+    """The VQ-VAE recipe with the mode's budget (no final evaluation: bench/quality.py measures quality)."""
+    from mrigen.models import save_model
+    from mrigen.train import train
+
+    model_cfg, train_cfg = recommended("vqvae", mode)
+    overrides = {"epochs": epochs, "prior_steps": prior_steps, "final_eval": False}
+    train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
+    result = train(model_cfg, train_cfg, store, progress=False)
+    save_model(result.model, out / "model")
+    return result.model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: 64 px on CPU; gpu: 128 px on CUDA")
+    p.add_argument("--model", help="a saved model directory or models:/ / runs:/ URI (default: train the recipe)")
+    p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default all four)")
+    p.add_argument("--real-fraction", type=float, default=0.25)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--synthetic", default="250,1000", help="comma-separated synthetic counts")
+    p.add_argument("--steps", type=int, help="downstream CNN steps (default: UtilityConfig's)")
+    p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS, help="demo cohort size")
+    p.add_argument("--work", type=Path, default=Path("bench-work"), help="demo store cache directory")
+    p.add_argument("--out", type=Path, default=Path("bench-work/utility"), help="model, tables, plots, results.json")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs (smoke runs)")
+    p.add_argument("--prior-steps", type=int, help="override the recipe's prior steps (smoke runs)")
+    p.add_argument("--tracking-uri", help="for a models:/ or runs:/ --model")
+    args = p.parse_args(argv)
+    mode = MODES[args.mode]
+    if mode["device"] == "cpu":
+        torch.set_num_threads(1)            # small tensors on a shared machine: one thread is faster
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    store = build_demo_store(args.work / f"demo-{mode['size']}", subjects=args.subjects, size=mode["size"],
+                             progress=False)
+    print(f"demo store: {store} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    t1 = time.perf_counter()
+    if args.model:
+        from mrigen.generate import resolve_model
+
+        model = resolve_model(args.model, tracking_uri=args.tracking_uri, device=mode["device"]).model
+        source = args.model
+    else:
+        model = train_recipe(store, args.mode, args.out, args.epochs, args.prior_steps)
+        source = f"VQ-VAE recipe trained here ({time.perf_counter() - t1:.0f} s), saved to {args.out / 'model'}"
+    print(f"model: {source}", flush=True)
+    counts = tuple(sorted({int(c) for c in args.synthetic.split(",")}))
+    rows, tables = {}, []
+    for task in args.task or list(TASKS):
+        cfg = UtilityConfig(task=task, real_fraction=args.real_fraction, seeds=args.seeds, synthetic=counts,
+                            **({"steps": args.steps} if args.steps else {}))
+        result = run_utility(model, store, cfg, device=mode["device"], progress=True)
+        tables.append(table(result, f"{args.mode}, {mode['size']} px"))
+        plot(result, args.out / f"utility_{task}.png")
+        rows[task] = dict(summary(result), wall_s=result.wall_s)
+        print(f"{task}: done in {result.wall_s:.0f} s", flush=True)
+    print()
+    print("\n\n".join(tables))
+    print()
+    print("| task | metric | real only | real + N synth | synthetic only | real + classic | chance | verdict | TSTR ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for task, s in rows.items():
+        print(f"| {task} | {s['metric']} | {s['real']:.4f} +- {s['real_std']:.4f} | {s['real_synthetic']:.4f} +- "
+              f"{s['real_synthetic_std']:.4f} (N={s['n_synthetic']}) | {s['synthetic']:.4f} +- {s['synthetic_std']:.4f} "
+              f"| {s['classic']:.4f} +- {s['classic_std']:.4f} | {s['chance']:.4f} | {s['verdict']} | "
+              f"{s['tstr_ratio']:.3f} |")
+    print()
+    for task in TARGET_TASKS:
+        if task in rows:
+            s = rows[task]
+            print(f"target {task}: real + synthetic beats real only by more than the seed spread: "
+                  + ("met" if s["verdict"] == "gain" else f"MISSED ({s['verdict']}, gain {s['gain']:+.4f})"))
+            print(f"target {task}: TSTR >= {TSTR_TARGET:.0%} of real only: "
+                  + ("met" if s["tstr_ratio"] >= TSTR_TARGET else f"MISSED ({s['tstr_ratio']:.3f})"))
+    total = time.perf_counter() - t0
+    print(f"\nwhole run {total:.0f} s ({total / 60:.1f} min)")
+    (args.out / "results.json").write_text(json.dumps({"mode": args.mode, "model": source, "results": rows,
+                                                        "wall_s": total}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

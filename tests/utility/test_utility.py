@@ -1,0 +1,143 @@
+"""The utility protocol: a noise generator gives no gain, arms share the CNN and seeds, held-out subjects only,
+conditional models get matched conditions, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ConditionalFake, CopyModel, NoiseModel, tiny_cfg
+
+import mrigen.utility.runner as runner
+from mrigen.utility import UtilityConfig, get_task, run_utility, summary, table, verdict
+from mrigen.utility.arms import classic_augment, real_subset
+from mrigen.utility.cnn import fit_and_predict
+
+
+@pytest.fixture(scope="module")
+def noise_result(demo_store, probes):
+    return run_utility(NoiseModel(), demo_store, tiny_cfg(), probes=probes, progress=False)
+
+
+def test_noise_generator_gives_no_gain_and_the_benchmark_tells_it_from_real_slices(demo_store, probes,
+                                                                                   noise_result):
+    s = summary(noise_result)
+    assert s["learnable"], table(noise_result)                 # slice position is learnable from real slices
+    for arm in noise_result.arms:
+        if arm.arm != "real":
+            assert verdict(noise_result, arm) != "gain" or arm.arm == "real+classic", table(noise_result)
+    # Trained on noise, the CNN knows nothing about real slices: no better than ignoring the image.
+    assert noise_result.arm("synthetic").mean > 0.95 * noise_result.chance, table(noise_result)
+    assert s["tstr_ratio"] < 0.8
+    # Positive control: copies of real slices (of more subjects than the real subset) train as well as real ones.
+    good = run_utility(CopyModel(demo_store.tensor("train")), demo_store, tiny_cfg(), probes=probes,
+                       progress=False)
+    assert summary(good)["tstr_ratio"] > 0.9, table(good)
+    assert summary(good)["gain"] > s["gain"] and verdict(good, good.arm("real+synthetic", 90)) != "loss"
+
+
+def test_table_reports_arms_chance_and_label_source(noise_result):
+    text = table(noise_result)
+    for arm in ("| real |", "| real+classic |", "| real+synthetic | 30 |", "| real+synthetic | 90 |",
+                "| synthetic | 90 |", "chance"):
+        assert arm in text
+    assert "read back by the store's probes" in text and noise_result.label_source == "probe"
+    assert [len(a.scores) for a in noise_result.arms] == [2] * 5
+
+
+def test_arms_share_cnn_config_and_seeds_and_test_on_held_out_subjects(demo_store, probes, monkeypatch):
+    calls = []
+    real_fit = runner.fit_and_predict
+
+    def spy(images, targets, known, test, **kw):
+        calls.append({"n": images.shape[0], "images": images, "test": test, **kw})
+        return real_fit(images, targets, known, test, **kw)
+
+    monkeypatch.setattr(runner, "fit_and_predict", spy)
+    cfg = tiny_cfg(steps=2)
+    run_utility(NoiseModel(), demo_store, cfg, probes=probes, progress=False)
+    assert len(calls) == cfg.seeds * 5
+    test_x = demo_store.tensor("test")
+    for seed in range(cfg.seeds):
+        mine = [c for c in calls if c["seed"] == seed]
+        assert len(mine) == 5 and all(c["cfg"] is cfg for c in mine)      # one CNN, one schedule for every arm
+        real, classic, rs_small, rs_big, synth = mine
+        assert real["augment"] is None and classic["augment"] is classic_augment
+        assert torch.equal(real["images"], classic["images"])
+        assert torch.equal(rs_small["images"][:real["n"]], real["images"])      # the same real slices + N
+        assert rs_small["n"] == real["n"] + 30 and rs_big["n"] == real["n"] + 90 and synth["n"] == 90
+        assert all(torch.equal(c["test"], test_x) for c in mine)                # scored on the test split only
+    train_subjects = {r["subject"] for r in demo_store.slices("train")}
+    idx, subjects = real_subset(demo_store.slices("train"), 0.25, 0)
+    assert set(subjects) <= train_subjects and len(subjects) == round(0.25 * len(train_subjects))
+    assert not train_subjects & {r["subject"] for r in demo_store.slices("test")}
+
+
+def test_same_seed_same_weights_different_seed_different(demo_store):
+    x = demo_store.tensor("train")[:40]
+    t, k = torch.rand(40), torch.ones(40, dtype=torch.bool)
+    cfg = tiny_cfg(steps=3)
+    kw = dict(n_out=1, classification=False, cfg=cfg)
+    a = fit_and_predict(x, t, k, x[:5], seed=1, **kw)
+    assert torch.equal(a, fit_and_predict(x, t, k, x[:5], seed=1, **kw))
+    assert not torch.equal(a, fit_and_predict(x, t, k, x[:5], seed=2, **kw))
+
+
+def test_refuses_a_store_whose_test_subjects_were_trained_on(demo_store, probes):
+    class Leaky:
+        path, image_size, digest = demo_store.path, demo_store.image_size, demo_store.digest
+
+        def tensor(self, split, device="cpu"):
+            return demo_store.tensor(split, device)
+
+        def slices(self, split):
+            rows = demo_store.slices(split)
+            return [dict(r, subject=demo_store.slices("train")[0]["subject"]) for r in rows] if split == "test" \
+                else rows
+
+    with pytest.raises(ValueError, match="held-out subjects only"):
+        run_utility(NoiseModel(), Leaky(), tiny_cfg(), probes=probes, progress=False)
+
+
+def test_conditional_model_gets_rows_from_the_real_subset_and_its_labels(demo_store, probes):
+    train_rows = demo_store.slices("train")
+    model = ConditionalFake(demo_store.tensor("train"), train_rows)
+    result = run_utility(model, demo_store, tiny_cfg(task="site", steps=5, seeds=1), probes=probes, progress=False)
+    assert result.label_source == "requested" and result.model_conditions == ["slice_pos", "site"]
+    assert len(model.requested) == 90
+    idx, _ = real_subset(train_rows, 0.25, 0)
+    pool = [train_rows[i] for i in idx.tolist()]
+    assert all(r in pool for r in model.requested)             # conditions follow the real label distribution
+    assert "requested conditions" in table(result)
+    # A model not conditioned on the task's attribute: the probe labels its samples instead.
+    other = run_utility(model, demo_store, tiny_cfg(task="age", steps=5, seeds=1), probes=probes, progress=False)
+    assert other.label_source == "probe"
+
+
+def test_not_learnable_task_is_reported_as_such(noise_result):
+    import copy
+
+    flat = copy.deepcopy(noise_result)
+    for a in flat.arms:
+        a.scores = [flat.chance + 0.001 * (i % 2) for i in range(len(a.scores))]
+    assert all(verdict(flat, a) == "not learnable" for a in flat.arms if a.arm != "real")
+    assert "not learnable from these images" in table(flat)
+
+
+def test_one_line_errors():
+    rows = [{"subject": "a", "slice_pos": p / 4, "site": "HH", "age": None, "sex": None} for p in range(5)]
+    with pytest.raises(ValueError, match="unknown task 'volume'.*slice_pos, site, age, sex"):
+        get_task("volume", rows)
+    with pytest.raises(ValueError, match="task 'age' needs the 'age' attribute.*carries: slice_pos"):
+        get_task("age", rows, "store X")
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"real_fraction=.* out of range \(allowed: 0 < F <= 1\)"):
+            UtilityConfig(real_fraction=bad)
+    with pytest.raises(ValueError, match="synthetic"):
+        UtilityConfig(synthetic=(1000, 250))
+
+
+def test_classic_augment_keeps_range_and_shape():
+    x = torch.rand(6, 1, 32, 32)
+    y = classic_augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1 and not torch.equal(x, y)
+    assert torch.equal(y, classic_augment(x, torch.Generator().manual_seed(0)))
