@@ -173,7 +173,9 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
 
     Returns:
         Flat dict of finite floats: ssim, psnr[, ms_ssim][, fd, fd_real, fd_ratio, precision, recall,
-        precision_real, recall_real, diversity, diversity_real, memorised, nn_train_dist, nn_train_dist_real].
+        precision_real, recall_real, diversity, diversity_real, memorised, nn_train_dist, nn_train_dist_real]
+        and, for a conditional model, the conditioning fidelity (`mrigen.metrics.fidelity`): cond_slice_pos_mae,
+        cond_site_acc, cond_age_mae, cond_sex_acc (each with its `_real` yardstick) for its attributes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -229,6 +231,13 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
                                  reference_groups=_subject_groups(subjects, PR_K, split),
                                  train_groups=[str(row.get("subject", "")) for row in train_slices],
                                  seed=seed, batch_size=batch_size))
+    if getattr(getattr(model, "config", None), "conditions", ()):
+        from mrigen.metrics.fidelity import conditioning_fidelity
+        from mrigen.metrics.probe import get_probes
+
+        probes = get_probes(store, device=device)
+        result.update(conditioning_fidelity(model, store, probes, split=split, n=n, seed=seed,
+                                            batch_size=batch_size))
     _finite(result, f"split {split!r}")
     log.info("evaluated %s on %r (%d samples, %d baseline, %d reference): SSIM %.3f, PSNR %.1f dB, fd_ratio %.2f, "
              "precision %.2f (real %.2f), recall %.2f (real %.2f), diversity %.3f (real %.3f), memorised %.2f",
