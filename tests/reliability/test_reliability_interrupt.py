@@ -235,7 +235,49 @@ def test_study_interrupted_then_resumed(stack, mlflow_env: str, tmp_path: Path) 
     assert requeued[0].state == TrialState.COMPLETE
 
 
-def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env: str, monkeypatch) -> None:
+def _sigint_tripped(delivery: str) -> None:
+    """Send a real SIGINT and return once its C-level handler has run (read from a wakeup pipe), so the window
+    under test is exercised on every run, however loaded the machine is.
+
+    "process": os.kill on this process; the kernel hands it to any thread not blocking it.
+    "other thread": to a live thread that does not block it: what the kernel does with a Ctrl-C while the main
+    thread blocks SIGINT, and how issue 12's run was left RUNNING (the handler then runs in the main thread at
+    once, whatever the main thread's mask)."""
+    import select
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_fd = signal.set_wakeup_fd(w)
+    ready, stop = threading.Event(), threading.Event()
+
+    def other_thread() -> None:           # like MLflow's and torch's threads, started before the window
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        ready.set()
+        stop.wait()
+
+    helper = threading.Thread(target=other_thread, daemon=True)
+    helper.start()
+    ready.wait()
+    try:
+        if delivery == "other thread":
+            signal.pthread_kill(helper.ident, signal.SIGINT)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+        # held by the main thread's mask: it stays pending until the mask is lifted, nothing to wait for
+        pending = signal.SIGINT in signal.sigpending()
+        if not pending:
+            assert select.select([r], [], [], 120)[0], "SIGINT not delivered within 120 s"
+    finally:
+        stop.set()
+        signal.set_wakeup_fd(old_fd)
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("delivery", ["process", "other thread"])
+def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env: str, monkeypatch,
+                                                                      delivery: str) -> None:
     from mlflow import MlflowClient
 
     from mrigen.tracking import MlflowHook
@@ -253,7 +295,7 @@ def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env:
     def create_then_interrupt(self, *args, **kwargs):
         run = real(self, *args, **kwargs)
         created.append(run.info.run_id)
-        os.kill(os.getpid(), signal.SIGINT)          # a real Ctrl-C, arriving as the server's answer comes back
+        _sigint_tripped(delivery)                    # a real Ctrl-C, arriving as the server's answer comes back
         return run
 
     monkeypatch.setattr(MlflowClient, "create_run", create_then_interrupt)
@@ -261,7 +303,44 @@ def test_ctrl_c_right_after_the_run_is_created_leaves_no_running_run(mlflow_env:
     with pytest.raises(KeyboardInterrupt):
         hook.on_start(ctx)
     monkeypatch.undo()
-    _save("interrupt-create-run-window", {"sigint_sent": 1, "runs_created": len(created),
-                                          "runs_left_running": sum(MlflowClient(mlflow_env).get_run(r).info.status
-                                                                   == "RUNNING" for r in created)})
-    assert MlflowClient(mlflow_env).get_run(created[0]).info.status != "RUNNING"
+    client = MlflowClient(mlflow_env)
+    runs = [client.get_run(r) for r in created]
+    slug = delivery.replace(" ", "-")
+    _save(f"interrupt-create-run-window-{slug}", {
+        "delivery": delivery, "sigint_sent": 1, "runs_created": len(created),
+        "runs_left_running": sum(r.info.status == "RUNNING" for r in runs),
+        "statuses": [r.info.status for r in runs]})
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags.get("mrigen.end_reason") == "received SIGINT"
+
+
+def test_ctrl_c_right_after_the_study_parent_run_is_created_leaves_it_killed(tmp_path: Path, monkeypatch) -> None:
+    """The study's parent run has the same window (local SQLite tracking store; no server needed)."""
+    from mlflow import MlflowClient
+
+    from mrigen.tracking import safety
+    from mrigen.tune.report import ensure_parent_run
+    from mrigen.tune.study import load_study
+
+    study_file = tmp_path / "parent-window.yaml"
+    study_file.write_text(textwrap.dedent(STUDY))
+    spec = load_study(str(study_file))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created = []
+    real = MlflowClient.create_run
+
+    def create_then_interrupt(self, *args, **kwargs):
+        run = real(self, *args, **kwargs)
+        created.append(run.info.run_id)
+        _sigint_tripped("other thread")
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_parent_run(optuna.create_study(study_name=spec.name), spec, uri, "parent-window")
+    monkeypatch.undo()
+    run = MlflowClient(uri).get_run(created[0])
+    _save("interrupt-parent-run-window", {"sigint_sent": 1, "runs_created": len(created),
+                                          "runs_left_running": int(run.info.status == "RUNNING")})
+    assert len(created) == 1 and run.info.status == "KILLED" and created[0] not in safety.open_runs()
+    assert run.data.tags.get("mrigen.end_reason") == "received SIGINT"
