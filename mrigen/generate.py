@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import mrigen
+from mrigen import logs
 
 __all__ = ["sample_slices", "batch_seed", "ResolvedModel", "resolve_model", "write_slices", "generate", "main",
            "FORMATS", "model_fingerprint", "partial_dir"]
@@ -404,7 +405,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT.partial/ (same model and settings): files already "
                         "written are verified by sha256 and kept; the result is identical to an uninterrupted run")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (never drawn into a pipe or file)")
+    logs.add_arguments(p)
     return p
 
 
@@ -413,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     from mrigen.tracking.client import TrackingError, error_line
 
     args = _parser().parse_args(argv)
+    logs.setup(args)
     if args.n < 1 or args.batch_size < 1:
         print(f"mrigen.generate: error: -n ({args.n}) and --batch-size ({args.batch_size}) must be >= 1",
               file=sys.stderr)
@@ -420,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolved = resolve_model(args.model, tracking_uri=args.tracking_uri, device=args.device)
         manifest = generate(resolved, args.n, args.out, fmt=args.format, seed=args.seed, batch_size=args.batch_size,
-                            overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+                            overwrite=args.overwrite, resume=args.resume,
+                            progress=not args.no_progress and logs.progress())
     except KeyboardInterrupt:
         partial = partial_dir(args.out)
         kept = len(_read_partial(partial)[1]) if partial.is_dir() else 0
