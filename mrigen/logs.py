@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "default: mrigen INFO, libraries WARNING")
 
 
+_QUIETED: set[str] = set()
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (a test's capture, a redirected stream)."""
 
@@ -90,8 +93,12 @@ def setup(args: argparse.Namespace | None = None, *, quiet: tuple[str, ...] = ()
     handler.setFormatter(_Format(named=verbose or level == "DEBUG"))
     root.setLevel(libraries)                         # loggers that propagate (urllib3, botocore, matplotlib...)
     logging.getLogger("mrigen").setLevel(ours)
+    for name in _QUIETED - set(quiet):              # quieted by an earlier set-up in this process (tests)
+        logging.getLogger(name).setLevel(logging.NOTSET)
     for name in quiet:
         logging.getLogger(name).setLevel(level or "WARNING")
+    _QUIETED.clear()
+    _QUIETED.update(quiet)
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(libraries)
     os.environ["MLFLOW_LOGGING_LEVEL"] = libraries       # read when mlflow is imported (it resets its level then)

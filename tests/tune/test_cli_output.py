@@ -122,3 +122,18 @@ def test_log_flags_set_the_levels(flags: list[str], mrigen_level: str, library_l
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_quiet_loggers_are_details_only_for_the_command_that_asks() -> None:
+    """`tune` hides per-run tracking lines; a later set-up in the same process (another command) shows them."""
+    import logging
+
+    from mrigen import logs
+
+    try:
+        logs.setup(None, quiet=("mrigen.tracking",))
+        assert logging.getLogger("mrigen.tracking.hook").getEffectiveLevel() == logging.WARNING
+        logs.setup(None)
+        assert logging.getLogger("mrigen.tracking.hook").getEffectiveLevel() == logging.INFO
+    finally:
+        logging.getLogger("mrigen.tracking").setLevel(logging.NOTSET)
