@@ -71,22 +71,17 @@ def _sigint_default() -> None:
 
 @pytest.fixture
 def sigint_raises():
-    """SIGINT raises KeyboardInterrupt in this process during the test, as in a process started from a terminal,
-    also when pytest inherited SIGINT ignored (then safety's handler would chain to "ignore")."""
+    """SIGINT raises KeyboardInterrupt in this process, as in a process started from a terminal, also when pytest
+    inherited SIGINT ignored (a background job). The ignored disposition is not put back afterwards: safety's
+    handler, installed once per process on top of it, must stay in place for the next test."""
     from mrigen.tracking import safety
 
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.MonkeyPatch.context() as mp:
-        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        else:
-            previous = None
-        if safety._PREVIOUS.get(signal.SIGINT) == signal.SIG_IGN:
+        if safety._PREVIOUS.get(signal.SIGINT) == signal.SIG_IGN:         # safety would chain to "ignore"
             mp.setitem(safety._PREVIOUS, signal.SIGINT, signal.default_int_handler)
-        try:
-            yield
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+        yield
 
 
 def _save(name: str, body: dict) -> None:
