@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import mrigen
+from mrigen import logs
 from mrigen.models.condition import ConditionRequest, decode_rows, parse_condition
 
 __all__ = ["sample_slices", "batch_seed", "ResolvedModel", "resolve_model", "write_slices", "generate", "main",
@@ -457,7 +458,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT.partial/ (same model and settings): files already "
                         "written are verified by sha256 and kept; the result is identical to an uninterrupted run")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (never drawn into a pipe or file)")
+    logs.add_arguments(p)
     return p
 
 
@@ -466,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     from mrigen.tracking.client import TrackingError, error_line
 
     args = _parser().parse_args(argv)
+    logs.setup(args)
     if args.n < 1 or args.batch_size < 1:
         print(f"mrigen.generate: error: -n ({args.n}) and --batch-size ({args.batch_size}) must be >= 1",
               file=sys.stderr)
@@ -474,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         conditions = dict(parse_condition(c) for c in args.condition)
         resolved = resolve_model(args.model, tracking_uri=args.tracking_uri, device=args.device)
         manifest = generate(resolved, args.n, args.out, fmt=args.format, seed=args.seed, batch_size=args.batch_size,
-                            overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
-                            conditions=conditions)
+                            overwrite=args.overwrite, resume=args.resume,
+                            progress=not args.no_progress and logs.progress(), conditions=conditions)
     except KeyboardInterrupt:
         partial = partial_dir(args.out)
         kept = len(_read_partial(partial)[1]) if partial.is_dir() else 0

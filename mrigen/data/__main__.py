@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from mrigen import logs
 from mrigen.data.build import DEMO_SUBJECTS
 from mrigen.data.config import INGEST_MODALITIES, SIZES, IngestConfig
 from mrigen.data.demo import make_demo_cohort
@@ -70,22 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--no-demographics", action="store_true", help="do not download IXI.xls")
     fetch.add_argument("--sha256", help="expected sha256 of the tarball, checked before extraction")
     fetch.add_argument("--keep-archive", action="store_true", help="keep the .tar after extraction")
+    for command in (demo, ing, ver, fetch):
+        logs.add_arguments(command)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; returns the exit status (1 with an ``error:`` line on failure)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logs.setup(args)
+    progress = logs.progress()
     try:
         if args.command == "demo":
-            files = make_demo_cohort(args.out, args.subjects, args.seed, args.modality, args.voxel_scale)
+            files = make_demo_cohort(args.out, args.subjects, args.seed, args.modality, args.voxel_scale,
+                                     progress=progress)
             print(f"demo: {len(files)} {args.modality} volumes + IXI.csv in {args.out}")
         elif args.command == "ingest":
             cfg = IngestConfig(modality=args.modality, size=args.size, slices=args.slices, band=tuple(args.band),
                                min_brain=args.min_brain, percentiles=tuple(args.percentiles),
                                split=tuple(args.split), seed=args.seed, workers=args.workers)
-            ingest(args.ixi, args.out, cfg, overwrite=args.overwrite)
+            ingest(args.ixi, args.out, cfg, overwrite=args.overwrite, progress=progress)
         elif args.command == "verify":
             changes = verify_sources(args.ixi, args.store)
             for kind, names in (("changed", changes.changed), ("added", changes.added), ("removed", changes.removed)):
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if changes.clean else 1
         else:
             fetch_ixi(args.out, args.modality, args.url, None if args.no_demographics else args.demographics_url,
-                      args.sha256, args.keep_archive)
+                      args.sha256, args.keep_archive, progress=progress)
     except (IngestError, FileExistsError, ValueError, FetchError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

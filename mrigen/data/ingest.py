@@ -243,7 +243,7 @@ def ingest(ixi_dir: Path | str, out: Path | str, cfg: IngestConfig = IngestConfi
                f"at {cfg.size}px ({counts}); {len(skipped)} skipped, {len(unmatched)} unmatched names; "
                + (f"sources vs the replaced store: {changes.summary()}; " if changes is not None else "")
                + f"{time.perf_counter() - t0:.1f} s -> {out}")
-    if progress:
-        print(summary, file=sys.stderr)
+    if progress and not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+        print(summary, file=sys.stderr)          # interactive use without logging set up: still say what was made
     log.info(summary)
     return store

@@ -229,7 +229,8 @@ def train_feature_net(store: _Store, cfg: FeatureNetConfig | None = None, *,
     opt = torch.optim.Adam([*net.parameters(), *heads.parameters()], lr=cfg.lr)
     net.train()
     tail: list[dict[str, float]] = []
-    bar = tqdm(range(cfg.steps), desc=f"feature net ({store.digest[:12]})", unit="step", leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"feature net ({store.digest[:12]})", unit="step", leave=False,
+               disable=None)                                  # None: no bar when stderr is not a terminal
     for step in bar:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
         x, kind = degrade(images[idx], gen)                    # (B, 1, H, W), (B,) index into DEGRADATIONS

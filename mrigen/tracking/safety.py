@@ -23,23 +23,42 @@ log = logging.getLogger(__name__)
 # run_id -> (owner pid, closer(status, reason)); a forked child never closes its parent's runs.
 _OPEN: dict[str, tuple[int, Callable[[str, str], None]]] = {}
 _LOCK = threading.Lock()
-_STATE = {"atexit": False, "signals": False, "crashed": False}
+_STATE = {"atexit": False, "signals": False, "crashed": False, "deferring": False}
 _PREVIOUS: dict[int, object] = {}
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+_HELD: dict[int, object] = {}          # signum -> handler to restore when the signals_deferred block ends
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Block SIGINT and SIGTERM in this thread for the block; a signal that arrives meanwhile is delivered on
-    exit. Outside the main thread (handlers only run there) or without pthread_sigmask it does nothing."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
+    """Hold SIGINT and SIGTERM for the block; one that arrives meanwhile is delivered (to the handler in place
+    before the block) when the block exits. Outside the main thread (Python runs handlers only there) it does
+    nothing.
+
+    Blocking the signals in the calling thread (`pthread_sigmask`) is not enough: the kernel delivers a
+    process-directed signal such as Ctrl-C to any thread that does not block it (MLflow's, torch's), and
+    Python then runs the handler in the main thread at once. So the Python-level handlers are swapped for a
+    recorder too; the mask stays so that a signal arriving in the main thread does not interrupt system calls.
+    """
+    if threading.current_thread() is not threading.main_thread() or _STATE["deferring"]:
+        yield                                          # nested blocks: the outermost one holds the signals
         return
-    mask = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    received: list[int] = []
+    for signum in _DEFERRED:
+        if signal.getsignal(signum) is not None:       # None: a handler set outside Python, left alone
+            _HELD[signum] = signal.signal(signum, lambda s, frame: received.append(s))
+    _STATE["deferring"] = True
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)   # runs any pending handler: the recorder's
+        for signum in list(_HELD):
+            signal.signal(signum, _HELD.pop(signum))
+        _STATE["deferring"] = False
+        for signum in dict.fromkeys(received):         # once each, in arrival order, to the restored handler
+            signal.raise_signal(signum)
 
 
 def register_open_run(run_id: str, closer: Callable[[str, str], None]) -> None:
@@ -113,6 +132,9 @@ def install_handlers() -> None:
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
+                if signum in _HELD:                   # inside signals_deferred: install behind the recorder
+                    _PREVIOUS[signum], _HELD[signum] = _HELD[signum], _on_signal
+                    continue
                 _PREVIOUS[signum] = signal.getsignal(signum)
                 signal.signal(signum, _on_signal)
             except (ValueError, OSError) as exc:      # e.g. embedded interpreters without signal support

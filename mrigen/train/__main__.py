@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from mrigen import logs
+
 from mrigen.train.configs import build_configs, load_config_file, parse_overrides
+from mrigen.train.hooks import Hook
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same config")
     p.add_argument("--tracking-uri", help="also log to this MLflow tracking server (or set MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", default="mrigen-train", help="MLflow experiment name when tracking")
+    logs.add_arguments(p)
     return p
 
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mrigen.data import StoreError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args)
     try:
         file_layer = load_config_file(args.config) if args.config else {}
         cli_layer = parse_overrides(args.overrides)
@@ -59,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     from mrigen.train.hooks import LocalLogger
     from mrigen.train.loop import train
 
-    hooks = [LocalLogger(args.out)]
+    progress = logs.progress()
+    hooks = [LocalLogger(args.out)] + ([] if progress else [EpochLine()])
     tracking = _tracking_hook(args)
     if tracking is not None:
         hooks.append(tracking)
     try:
-        result = train(model_cfg, train_cfg, store, out_dir=args.out, hooks=hooks, resume=args.resume)
+        result = train(model_cfg, train_cfg, store, out_dir=args.out, hooks=hooks, resume=args.resume,
+                       progress=progress)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class EpochLine(Hook):
+    """One printed line per epoch, for output that is not a terminal (where no progress bar is drawn)."""
+
+    KEYS = ("train_loss", "val_loss", "val_ssim", "val_psnr")
+
+    def on_epoch_end(self, ctx, epoch: int, metrics: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in self.KEYS if k in metrics)
+        print(f"epoch {epoch + 1}/{ctx.train_cfg.epochs} {shown} ({metrics.get('img_per_s', 0):.0f} img/s on "
+              f"{ctx.device})", flush=True)
+
+
 def _open_store(data: str, out: Path, size: int):
     from mrigen.data import SliceStore, build_demo_store
 
     if data == "demo":
-        return build_demo_store(out / "demo", size=size)
+        return build_demo_store(out / "demo", size=size, progress=logs.progress())
     return SliceStore.open(Path(data))
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
+
+from mrigen import logs
 
 __all__ = ["main"]
 
@@ -47,16 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--register-name", help="registered model name (default mrigen-STUDY)")
     p.add_argument("--worker-name", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    logs.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # registering a model downloads it
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("optuna").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)        # per-trial INFO chatter (system metrics...)
+    import optuna  # noqa: F401  (imported before logs.setup: Optuna resets its log level on import)
+
+    # One line per trial epoch and the summary table say it; each trial's tracking and evaluation lines (run id,
+    # model upload, the feature net, the long evaluation line) are details, shown with -v. Warnings still show.
+    logs.setup(args, quiet=("mrigen.tracking", "mrigen.metrics"))
     from mrigen.data import StoreError
     from mrigen.tune.cli import finish, prepare
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from mrigen import logs
 from mrigen.locks import file_lock
 from mrigen.tune.report import ensure_parent_run, summarise, summary_table
 from mrigen.tune.runner import TuneOptions, budget_of, open_study, run_study
@@ -110,7 +111,7 @@ def _store(data: Path | None, work_dir: Path, size: int, announce: bool):
 
     if data is not None:
         return SliceStore.open(data)
-    store = build_demo_store(work_dir / f"demo-{size}", size=size)
+    store = build_demo_store(work_dir / f"demo-{size}", size=size, progress=announce and logs.progress())
     if announce:
         print(f"  data:     generated demo cohort -> {store.path} (pass --data STORE for IXI)", flush=True)
     return store

@@ -26,7 +26,7 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
     """
     from mlflow import MlflowClient
 
-    from mrigen.tracking import get_or_create_experiment
+    from mrigen.tracking import get_or_create_experiment, safety
 
     existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
@@ -34,13 +34,20 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
     client = MlflowClient(tracking_uri)
     exp_id = _with_retries(lambda: get_or_create_experiment(client, experiment), "open the MLflow tracking store")
     tags = {"mrigen.role": "study-parent", "optuna.study": spec.name, "mlflow.note.content": spec.description}
-    mine = client.create_run(exp_id, run_name=f"{spec.name}-study", tags=tags).info.run_id
+    # As for a trial's run: Ctrl-C between "the server created the run" and "its closer is registered" would
+    # leave it RUNNING for ever, so the signal is held until then. Until `summarise` ends it, Ctrl-C, SIGTERM
+    # or a crash of this process marks it KILLED / FAILED.
+    safety.install_handlers()
+    with safety.signals_deferred():
+        mine = client.create_run(exp_id, run_name=f"{spec.name}-study", tags=tags).info.run_id
+        safety.register_open_run(mine, lambda status, reason: _close_parent(client, mine, status, reason))
     runs = client.search_runs(
         [exp_id], filter_string=f"tags.`mrigen.role` = 'study-parent' and tags.`optuna.study` = '{spec.name}'",
         order_by=["attributes.start_time ASC"], max_results=50)
     winner = sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))[0].info.run_id
     if winner != mine:
         client.delete_run(mine)
+        safety.unregister_run(mine)
     else:
         client.log_batch(mine, params=[
             _param("study.family", spec.family), _param("study.metric", ",".join(spec.metrics)),
@@ -54,6 +61,12 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
             _with_retries(lambda: client.log_inputs(mine, datasets=[dataset]), "log the study's dataset input")
     study.set_user_attr(PARENT_ATTR, winner)
     return winner
+
+
+def _close_parent(client, run_id: str, status: str, reason: str) -> None:
+    """Closer for `safety`: the study stopped before its summary (Ctrl-C, SIGTERM, crash)."""
+    client.set_tag(run_id, "mrigen.end_reason", reason[:5000])
+    client.set_terminated(run_id, status=status)
 
 
 def _with_retries(fn, what: str, attempts: int = 5):
@@ -146,6 +159,7 @@ def summarise(study: optuna.Study, spec: StudySpec, tracking_uri: str, parent_ru
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from mrigen.tracking import safety
     from mrigen.tune.pareto import log_front
 
     client = MlflowClient(tracking_uri)
@@ -186,6 +200,7 @@ def summarise(study: optuna.Study, spec: StudySpec, tracking_uri: str, parent_ru
         fig.set_size_inches(9, 5)
         client.log_figure(parent_run_id, fig, f"study/{name}.png")
         plt.close(fig)
+    safety.unregister_run(parent_run_id)
     client.set_terminated(parent_run_id, status=status)
 
 

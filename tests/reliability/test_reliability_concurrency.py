@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.reliability, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(1800)]   # bounds a hang; generous under load
 
 RESULTS = Path(__file__).parent / ".results"
 PROCESSES = 8
@@ -72,7 +72,7 @@ def test_eight_processes_log_and_register_at_once(mlflow_env: str, tmp_path: Pat
         go.write_text("go")                                 # all eight start logging at the same moment
         outcomes, failures = [], []
         for p in procs:
-            out, err = p.communicate(timeout=360)
+            out, err = p.communicate(timeout=1200)
             if p.returncode != 0:
                 failures.append(err[-2000:])
             else:

@@ -36,7 +36,7 @@ from mrigen.data.ingest import ingest
 from mrigen.data.store import SliceStore
 from mrigen.data.verify import verify_sources
 
-pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]  # a hang fails the test instead of CI
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900)]  # a hang fails the test instead of CI
 
 CFG = IngestConfig(size=16, slices=4, workers=1)
 RESULTS = Path(__file__).parent / ".results"

@@ -31,7 +31,8 @@ import pytest
 
 from mrigen.train import Hook
 
-pytestmark = [pytest.mark.reliability, pytest.mark.timeout(240)]
+# Deadlines only bound a hang: generous, so that a machine kept busy by other work still passes.
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(1800)]
 
 RESULTS = Path(__file__).parent / ".results"
 _CLIENT_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -319,14 +320,17 @@ def test_postgres_restart_mid_study(healthy, store, tmp_path):
     reader.start()
     restarts, down_s = 0, []
     for marker in ("trial 1/3 epoch 2", "trial 2/3 epoch 2"):        # mid-trial, once in two different trials
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 900
         while not any(marker in line for line in lines) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         if proc.poll() is not None:
             break
+        if not any(marker in line for line in lines):          # restart mid-trial or not at all
+            proc.kill()
+            pytest.fail(f"no {marker!r} line within 900 s:\n" + "".join(lines)[-3000:])
         down_s.append(round(stack.restart("postgres", timeout_s=10.0), 2))
         restarts += 1
-    rc = proc.wait(timeout=180)
+    rc = proc.wait(timeout=1200)
     reader.join(timeout=5)
     output = "".join(lines)
     (RESULTS / "servers-postgres-restart.log").write_text(output) if RESULTS.exists() else None
