@@ -5,6 +5,7 @@
 # Results land in $OUT.
 set -u
 # Worst case by the timeouts below: 90 + 4 x 75 + 150 = 540 s, under the device tool's 600 s per call.
+# QUALITY=1 bash bench/gpu_check.sh runs only the 128 px quality and utility benchmarks (300 + 240 s at most).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -15,6 +16,7 @@ mkdir -p /tmp/data && tar xzf .gpu-carry/store128.tgz -C /tmp/data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, mlflow, optuna; print('torch', torch.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__)"
 
+if [ "${QUALITY:-0}" != 1 ]; then  # QUALITY=1: only the quality / utility section at the end (a second call)
 echo "== GPU tests"
 timeout 90 python3 -m pytest -q -m gpu tests/models tests/train tests/metrics -p no:cacheprovider -o addopts="" 2>&1 \
   | tail -4 | tee "$OUT/pytest.txt"
@@ -37,5 +39,15 @@ if [ "${FULL:-0}" = 1 ]; then  # measured on 2026-11-26 (RESULTS.md); off by def
   echo "== study wall, 1 trial at a time"
   timeout 100 python3 bench/study_wall.py --study vae-kernels --data /tmp/data/store-128 --full --n-trials 6 \
     --trials-per-gpu 1 --json "$OUT/study.jsonl" 2>>"$OUT/bench.err" | tail -1
+fi
+fi
+if [ "${QUALITY:-0}" = 1 ]; then  # a second call (issues 10 and 11): 128 px quality and utility on the demo cohort
+  # not yet run on a device (no GPU lent since these were written): the first run should check its timings
+  echo "== quality at 128 px (bench/quality.py --mode gpu)"
+  timeout 300 python3 bench/quality.py --mode gpu --work /tmp/bench-work --out "$OUT/quality" 2>>"$OUT/bench.err" \
+    | tail -12
+  echo "== augmentation utility at 128 px, conditional recipe (bench/utility.py --mode gpu)"
+  timeout 240 python3 bench/utility.py --mode gpu --task site --task slice_pos --work /tmp/bench-work \
+    --out "$OUT/utility" 2>>"$OUT/bench.err" | tail -12
 fi
 tail -20 "$OUT/bench.err" > "$OUT/bench_err_tail.txt"

@@ -1,12 +1,14 @@
 """Augmentation-utility benchmark: the champion recipe's synthetic slices, four arms, every task, one table.
 
-Trains the VQ-VAE recipe of bench/quality.py (unconditional: the probes label its samples) on the demo store, or
-takes `--model` (a saved model directory or a models:/ / runs:/ URI), then runs `mrigen.utility`'s protocol for
+Trains the VQ-VAE recipe of bench/quality.py on the demo store, conditioned on slice_pos / site / age / sex
+(`--recipe conditional`, the default: synthetic slices are generated for the real label distribution and carry
+the requested labels) or unconditional (`--recipe unconditional`: the probes label its samples), or takes `--model` (a saved model directory or a models:/ / runs:/ URI), then runs `mrigen.utility`'s protocol for
 each task on the demo store's held-out test subjects and prints the tables, a one-line summary per task and the
 issue's targets (F = 0.25: real + synthetic beats real only on `site` and `slice_pos` by more than the seed
 spread; TSTR >= 80% of real only).
 
     python bench/utility.py --mode cpu                              # 64 px on the CPU (target <= 15 min)
+    python bench/utility.py --mode cpu --recipe unconditional       # probe-labelled samples instead
     python bench/utility.py --mode gpu                              # 128 px on CUDA
     python bench/utility.py --mode cpu --model bench-work/utility/model --task site
 """
@@ -23,9 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import MODES, recommended  # noqa: E402  (the champion recipe and the mode's size / device)
+from quality import CONFIGS, MODES, recommended  # noqa: E402  (the champion recipe and the mode's size / device)
 
 from mrigen.data import DEMO_SUBJECTS, build_demo_store  # noqa: E402
+from mrigen.train.configs import load_config_file  # noqa: E402
 from mrigen.utility import TASKS, UtilityConfig, run_utility, summary, table  # noqa: E402
 from mrigen.utility.report import plot  # noqa: E402
 
@@ -33,12 +36,20 @@ TARGET_TASKS = ("site", "slice_pos")
 TSTR_TARGET = 0.8
 
 
-def train_recipe(store, mode: str, out: Path, epochs: int | None, prior_steps: int | None):
-    """The VQ-VAE recipe with the mode's budget (no final evaluation: bench/quality.py measures quality)."""
+RECIPES = ("conditional", "unconditional")
+
+
+def train_recipe(store, mode: str, out: Path, epochs: int | None, prior_steps: int | None,
+                 recipe: str = "conditional"):
+    """The VQ-VAE recipe with the mode's budget (no final evaluation: bench/quality.py measures quality); the
+    conditional recipe adds the attributes of experiments/configs/vqvae-conditional.yaml."""
     from mrigen.models import save_model
     from mrigen.train import train
 
     model_cfg, train_cfg = recommended("vqvae", mode)
+    if recipe == "conditional":
+        conditions = load_config_file(CONFIGS / "vqvae-conditional.yaml")["model"]["conditions"]
+        model_cfg = dataclasses.replace(model_cfg, conditions=tuple(conditions))
     overrides = {"epochs": epochs, "prior_steps": prior_steps, "final_eval": False}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = train(model_cfg, train_cfg, store, progress=False)
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: 64 px on CPU; gpu: 128 px on CUDA")
     p.add_argument("--model", help="a saved model directory or models:/ / runs:/ URI (default: train the recipe)")
+    p.add_argument("--recipe", choices=RECIPES, default="conditional",
+                   help="model to train when no --model is given (default conditional)")
     p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default all four)")
     p.add_argument("--real-fraction", type=float, default=0.25)
     p.add_argument("--seeds", type=int, default=3)
@@ -77,9 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         model = resolve_model(args.model, tracking_uri=args.tracking_uri, device=mode["device"]).model
         source = args.model
     else:
-        model = train_recipe(store, args.mode, args.out, args.epochs, args.prior_steps)
-        source = f"VQ-VAE recipe trained here ({time.perf_counter() - t1:.0f} s), saved to {args.out / 'model'}"
+        model = train_recipe(store, args.mode, args.out, args.epochs, args.prior_steps, args.recipe)
+        source = f"{args.recipe} VQ-VAE recipe trained here ({time.perf_counter() - t1:.0f} s), saved to {args.out / 'model'}"
     print(f"model: {source}", flush=True)
+    fidelity = {}
+    if getattr(model.config, "conditions", ()):
+        from mrigen.metrics.fidelity import conditioning_fidelity
+        from mrigen.metrics.probe import get_probes
+
+        fidelity = conditioning_fidelity(model, store, get_probes(store, device=mode["device"]), split="val")
+        print("conditioning fidelity (500 samples under held-out val rows; probe on real val slices in brackets): "
+              + ", ".join(f"{k[5:]} {v:.3f} ({fidelity[k + '_real']:.3f})" for k, v in fidelity.items()
+                          if not k.endswith("_real")), flush=True)
+        for key, kind, bound in (("cond_slice_pos_mae", "max", 1.5), ("cond_site_acc", "min", 0.9)):
+            if key in fidelity:
+                ratio = fidelity[key] / fidelity[key + "_real"]
+                ok = ratio <= bound if kind == "max" else ratio >= bound
+                print(f"target {key[5:]}: generated / real {ratio:.2f} {'<=' if kind == 'max' else '>='} {bound}: "
+                      + ("met" if ok else "MISSED"), flush=True)
     counts = tuple(sorted({int(c) for c in args.synthetic.split(",")}))
     rows, tables = {}, []
     for task in args.task or list(TASKS):
@@ -111,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     print(f"\nwhole run {total:.0f} s ({total / 60:.1f} min)")
     (args.out / "results.json").write_text(json.dumps({"mode": args.mode, "model": source, "results": rows,
-                                                        "wall_s": total}, indent=2))
+                                                        "fidelity": fidelity, "wall_s": total}, indent=2))
     return 0
 
 

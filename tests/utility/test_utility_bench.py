@@ -21,5 +21,6 @@ def test_utility_bench_trains_the_recipe_and_prints_the_table(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| slice_pos | mae |" in done.stdout and "target slice_pos: TSTR" in done.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert results["slice_pos"]["label_source"] == "requested"          # the default recipe is conditional
     assert results["slice_pos"]["n_synthetic"] == 16 and (tmp_path / "out" / "utility_slice_pos.png").is_file()
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
