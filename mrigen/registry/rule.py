@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 __all__ = ["SAMPLE_METRICS", "FINAL_ONLY_METRICS", "KNOWN_DIRECTIONS", "Condition", "PromotionRule",
            "MissingMetricError", "RuleError", "DEFAULT_RULE", "find_metric", "short_name", "is_sample_metric", "is_baseline",
-           "known_direction"]
+           "is_utility_metric", "known_direction"]
 
 # Metrics of generated samples (the final evaluation computes them; no per-epoch value exists).
 SAMPLE_METRICS = ("fd", "fd_ratio", "precision", "recall", "diversity", "memorised")
@@ -54,9 +54,15 @@ def short_name(metric: str) -> str:
     return name.removeprefix("val_")
 
 
+def is_utility_metric(metric: str) -> bool:
+    """True for the augmentation-utility metrics a study's `utility` run adds (`val_utility_site_gain`, ...)."""
+    return short_name(metric).startswith("utility_")
+
+
 def is_sample_metric(metric: str) -> bool:
-    """True for metrics of generated samples (`val_fd_ratio`, `val_precision`, ...), baselines excluded."""
-    return short_name(metric) in SAMPLE_METRICS
+    """True for metrics of generated samples (`val_fd_ratio`, `val_precision`, ..., and the augmentation utility of
+    the samples, `val_utility_<task>_gain`), baselines excluded."""
+    return short_name(metric) in SAMPLE_METRICS or is_utility_metric(metric)
 
 
 def is_baseline(metric: str) -> bool:
@@ -66,6 +72,8 @@ def is_baseline(metric: str) -> bool:
 
 def known_direction(metric: str) -> str | None:
     """'maximize' / 'minimize' where the metric has an unambiguous better direction, else None."""
+    if is_utility_metric(metric) and short_name(metric).endswith(("_gain", "_tstr_ratio")):
+        return "maximize"                  # gain is signed so that positive = better, whatever the task's metric
     return KNOWN_DIRECTIONS.get(short_name(metric))
 
 

@@ -167,6 +167,8 @@ class TrialRunner:
                 log.warning("could not remove the trial's local copy %s: %s", out_dir, exc)
         if result.stopped_early:
             raise optuna.TrialPruned(result.stop_reason)
+        if self.spec.utility is not None:
+            result.val_metrics.update(self._utility(result.model, trial, tracker))
         metrics = trial_metrics(result.val_metrics, result.history)
         trial.set_user_attr("metrics", metrics)
         try:
@@ -185,6 +187,30 @@ class TrialRunner:
             promotion.register_and_promote(tracker.run_id, self.registered_name, self.spec, outcome,
                                            trial.number, self.tracking_uri)
         return values if self.spec.multi_objective else values[0]
+
+    def _utility(self, model, trial: optuna.Trial, tracker) -> dict[str, float]:
+        """The study's augmentation-utility run for this trial's model (on the val split by default): its gain and
+        TSTR ratio as `utility_<task>_gain` / `utility_<task>_tstr_ratio`; with tracking, the full result is a run
+        nested under the trial's run and the two numbers are logged on the trial's run too."""
+        from mrigen.device import pick_device
+        from mrigen.utility import run_utility, summary
+
+        cfg = self.spec.utility
+        result = run_utility(model, self.store, cfg, device=pick_device(self.device), progress=False)
+        s = summary(result)
+        values = {f"utility_{cfg.task}_gain": float(s["gain"]), f"utility_{cfg.task}_tstr_ratio": float(s["tstr_ratio"])}
+        log.info("trial %d: utility %s on %s: gain %+.4f, TSTR ratio %.3f (%s)", trial.number, cfg.task,
+                 cfg.eval_split, s["gain"], s["tstr_ratio"], s["verdict"])
+        if tracker is not None:
+            from mlflow import MlflowClient
+
+            from mrigen.utility.tracking import log_utility
+
+            log_utility(result, parent_run_id=tracker.run_id, tracking_uri=self.tracking_uri)
+            client = MlflowClient(self.tracking_uri)
+            for key, value in values.items():
+                client.log_metric(tracker.run_id, f"val_{key}", value)
+        return values
 
     def _tracker(self, trial: optuna.Trial):
         if self.tracking_uri is None:

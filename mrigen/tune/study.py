@@ -15,12 +15,12 @@ from typing import Any
 import yaml
 
 from mrigen.registry.rule import (DEFAULT_RULE, FINAL_ONLY_METRICS, PromotionRule, RuleError, is_baseline,
-                                  is_sample_metric, known_direction, short_name)
+                                  is_sample_metric, is_utility_metric, known_direction, short_name)
 
 __all__ = ["StudySpec", "ParamSpec", "Budget", "Objective", "PrunerSpec", "load_study", "list_studies", "experiments_dir", "StudyFileError"]
 
 _TOP_KEYS = {"description", "family", "base", "search_space", "objective", "pruner", "promotion", "budget",
-             "demo_budget"}
+             "demo_budget", "utility"}
 _PRUNERS = ("median", "percentile", "hyperband", "none")
 
 
@@ -80,8 +80,9 @@ class Objective:
 
     @property
     def final_only(self) -> bool:
-        """True when only the final evaluation produces it (no per-epoch value to prune on)."""
-        return short_name(self.metric) in FINAL_ONLY_METRICS
+        """True when only the final evaluation (or the trial's utility run) produces it: no per-epoch value to
+        prune on."""
+        return short_name(self.metric) in FINAL_ONLY_METRICS or is_utility_metric(self.metric)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class StudySpec:
     promotion: PromotionRule = DEFAULT_RULE                # which trial's model becomes `champion`
     budget: Budget = Budget(20, 30, 128)
     demo_budget: Budget = Budget(3, 2, 32)
+    utility: Any = None                                    # UtilityConfig: each trial's augmentation utility, or None
 
     @property
     def multi_objective(self) -> bool:
@@ -280,6 +282,31 @@ def _promotion(path: Path, raw: Any) -> PromotionRule:
     return rule
 
 
+def _utility(path: Path, raw: Any, objectives: tuple[Objective, ...], promotion: PromotionRule):
+    """The `utility:` section (UtilityConfig fields; scored on the val split unless told) and a check that every
+    utility metric the objectives and promotion rule read is one it produces."""
+    wanted = [m for m in (*(o.metric for o in objectives), *promotion.metrics) if is_utility_metric(m)]
+    if raw is None:
+        if wanted:
+            raise _fail(path, "utility", f"missing, but {', '.join(dict.fromkeys(wanted))} come from a utility run "
+                                         f"per trial: add utility: {{task: TASK, ...}} (docs/UTILITY.md)")
+        return None
+    if not isinstance(raw, dict):
+        raise _fail(path, "utility", "expected a mapping of UtilityConfig fields, e.g. {task: site, seeds: 2}")
+    from mrigen.utility import UtilityConfig
+
+    try:
+        cfg = UtilityConfig.from_dict({"eval_split": "val", **raw})
+    except (ValueError, TypeError) as exc:
+        raise _fail(path, "utility", str(exc)) from None
+    produced = {f"utility_{cfg.task}_gain", f"utility_{cfg.task}_tstr_ratio"}
+    bad = [m for m in wanted if short_name(m) not in produced]
+    if bad:
+        raise _fail(path, "utility", f"task {cfg.task!r} produces {', '.join(sorted('val_' + p for p in produced))},"
+                                     f" not {', '.join(bad)}")
+    return cfg
+
+
 def _check_can_evaluate(path: Path, family: str, base: dict, objectives: tuple[Objective, ...],
                         promotion: PromotionRule) -> None:
     """Sample metrics need the final evaluation and a model that can sample (a VQ-VAE needs its prior)."""
@@ -349,10 +376,12 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
     pruner = _pruner(path, doc.get("pruner"), objectives)
     promotion = _promotion(path, doc.get("promotion"))
     _check_can_evaluate(path, family, base, objectives, promotion)
+    utility = _utility(path, doc.get("utility"), objectives, promotion)
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
         raise _fail(path, "description", "a short description is required")
     return StudySpec(name=path.stem, path=path, description=description.strip(), family=family, base=base,
                      space=space, objectives=objectives, pruner=pruner, promotion=promotion,
                      budget=_budget(path, "budget", doc.get("budget"), Budget(20, 30, 128)),
-                     demo_budget=_budget(path, "demo_budget", doc.get("demo_budget"), Budget(3, 2, 32)))
+                     demo_budget=_budget(path, "demo_budget", doc.get("demo_budget"), Budget(3, 2, 32)),
+                     utility=utility)

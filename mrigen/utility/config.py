@@ -30,6 +30,7 @@ class UtilityConfig:
     channels: tuple[int, ...] = (16, 32, 64, 64)    # CNN conv stages, each halves the side
     sample_batch: int = 128                     # slices per model.sample call
     seed: int = 0                               # base seed: seed i of the protocol uses seed + i
+    eval_split: str = "test"                    # held-out split the arms are scored on; studies select on "val"
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.real_fraction) <= 1.0:
@@ -45,6 +46,8 @@ class UtilityConfig:
                 self.input_size % 2 ** len(self.channels):
             raise ValueError(f"channels={self.channels!r} must be ints >= 1 and input_size={self.input_size} a "
                              f"multiple of 2**len(channels)")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"eval_split={self.eval_split!r} must be 'val' or 'test' (held-out subjects)")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"lr={self.lr!r} must be > 0 and weight_decay={self.weight_decay!r} >= 0")
 

@@ -98,12 +98,12 @@ def run_utility(model: torch.nn.Module, store, cfg: UtilityConfig, *, probes=Non
 
     t0 = time.perf_counter()
     device = torch.device(device)
-    train_rows, test_rows = store.slices("train"), store.slices("test")
+    train_rows, test_rows = store.slices("train"), store.slices(cfg.eval_split)
     task = get_task(cfg.task, train_rows, f"store {store.path}")
     overlap = {r["subject"] for r in train_rows} & {r["subject"] for r in test_rows}
     if overlap:
-        raise ValueError(f"store {store.path}: test subjects also in the train split ({sorted(overlap)[:3]}): the "
-                         f"benchmark scores held-out subjects only")
+        raise ValueError(f"store {store.path}: {cfg.eval_split} subjects also in the train split "
+                         f"({sorted(overlap)[:3]}): the benchmark scores held-out subjects only")
     labels = Labels.fit(task, train_rows)
     size = cfg.input_size
 
@@ -112,7 +112,7 @@ def run_utility(model: torch.nn.Module, store, cfg: UtilityConfig, *, probes=Non
         return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                                            align_corners=False)
 
-    train_x, test_x = prep(store.tensor("train")), prep(store.tensor("test"))
+    train_x, test_x = prep(store.tensor("train")), prep(store.tensor(cfg.eval_split))
     if probes is None:
         from mrigen.metrics.probe import get_probes
 

@@ -159,3 +159,26 @@ def test_unreadable_yaml_is_reported(tmp_path):
     path = write(tmp_path, "description: [unclosed\n")
     with pytest.raises(StudyFileError, match="cannot read"):
         load_study(path)
+
+
+UTILITY_OBJECTIVE = "objective: {metric: val_utility_site_gain, direction: maximize}\npruner: {type: none}\n"
+
+
+def test_utility_objective_needs_a_utility_section_for_its_task(tmp_path):
+    with pytest.raises(StudyFileError, match=r"utility: missing, but val_utility_site_gain come from a utility run"):
+        load_study(write(tmp_path, GOOD + UTILITY_OBJECTIVE))
+    with pytest.raises(StudyFileError, match=r"utility: task 'slice_pos' produces .* not val_utility_site_gain"):
+        load_study(write(tmp_path, GOOD + UTILITY_OBJECTIVE + "utility: {task: slice_pos}\n"))
+    with pytest.raises(StudyFileError, match=r"s.yaml: utility: .*real_fraction=2"):
+        load_study(write(tmp_path, GOOD + UTILITY_OBJECTIVE + "utility: {task: site, real_fraction: 2}\n"))
+    spec = load_study(write(tmp_path, GOOD + UTILITY_OBJECTIVE + "utility: {task: site, seeds: 2}\n"))
+    assert spec.utility.task == "site" and spec.utility.seeds == 2
+    assert spec.utility.eval_split == "val"           # studies select on val; the benchmark reports test
+    assert spec.objectives[0].final_only and spec.promotion.looks_at_samples
+
+
+def test_utility_objective_direction_is_known():
+    from mrigen.registry.rule import known_direction
+
+    assert known_direction("val_utility_site_gain") == "maximize"
+    assert known_direction("val_utility_age_tstr_ratio") == "maximize"

@@ -202,3 +202,40 @@ def test_multi_objective_study_logs_its_pareto_front_and_promotes_by_the_rule(tu
     assert "trial 0 ranks first under the promotion rule" in out
     assert "held-out recon: SSIM 0.500" in out and "fd_ratio 2.000" in out
     assert "demo targets (ssim >= 0.75, fd_ratio <= 3): NOT met: ssim 0.5 misses >= 0.75" in out
+
+
+def test_a_study_can_select_on_augmentation_utility(tune_store, tmp_path, fake_eval, monkeypatch):
+    """Each trial's model runs the utility protocol (val split); its gain is the objective, is logged on the trial's
+    run with a nested utility run, and is recorded in the trial's metrics."""
+    import textwrap
+
+    from mrigen.metrics.probe import ProbeConfig, get_probes
+
+    get_probes(tune_store, config=ProbeConfig(input_size=32, channels=(8, 16), hidden=16, steps=20, batch_size=16))
+    path = tmp_path / "augment.yaml"
+    path.write_text(textwrap.dedent("""
+        description: tiny conditional VAE selected on site utility
+        family: vae
+        base:
+          model: {blocks: 3, conditions: [site]}
+          train: {batch_size: 16}
+        search_space:
+          train.lr: {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
+        objective: {metric: val_utility_site_gain, direction: maximize}
+        pruner: {type: none}
+        promotion: {metric: val_utility_site_gain, direction: maximize}
+        utility: {task: site, seeds: 1, synthetic: [16], steps: 3, batch_size: 16, input_size: 32, channels: [8, 16]}
+        demo_budget: {trials: 1, epochs: 1, image_size: 32}
+    """))
+    work = tmp_path / "work"
+    assert run_main(["--study", str(path), "--data", str(tune_store.path), "--work-dir", str(work)], monkeypatch) == 0
+    storage = f"sqlite:///{work / 'optuna.db'}"
+    trial = optuna.load_study(study_name="augment", storage=storage).trials[0]
+    gain = trial.user_attrs["metrics"]["val_utility_site_gain"]
+    assert trial.value == pytest.approx(gain) and "val_utility_site_tstr_ratio" in trial.user_attrs["metrics"]
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    run_id = trial.user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).data.metrics["val_utility_site_gain"] == pytest.approx(gain)
+    nested = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert [r.data.tags["mrigen.kind"] for r in nested] == ["utility"]
