@@ -96,7 +96,9 @@ def test_feature_net_bar_is_not_drawn_into_a_pipe(tune_store, capsys) -> None:
 
     train_feature_net(tune_store, FeatureNetConfig(steps=3))
     err = capsys.readouterr().err
-    assert "\r" not in err and "feature net" not in err
+    # no bar (tqdm draws "NN%|###|" and rewrites it with \r); the one-line summary may be logged when an earlier
+    # in-process command has set up mrigen's log handler
+    assert "\r" not in err and "%|" not in err
 
 
 @pytest.mark.parametrize("flags, mrigen_level, library_level", [([], "INFO", "WARNING"), (["-v"], "INFO", "INFO"),
