@@ -112,8 +112,9 @@ def register_and_promote(run_id: str, name: str, spec: StudySpec, outcome: Outco
     except RegistryError as exc:
         log.warning("registered %s version %s but did not promote it: %s", name, version, exc)
         return version, False
-    log.info("registered %s version %s (%s=%.4f)%s", name, version, rule.metric, outcome.value,
-             "; now champion" if promoted else "")
+    # the end-of-study offer of a version registered during the study repeats nothing at INFO
+    log.log(logging.DEBUG if existing else logging.INFO, "registered %s version %s (%s=%.4f)%s", name, version,
+            rule.metric, outcome.value, "; now champion" if promoted else "")
     return version, promoted
 
 
