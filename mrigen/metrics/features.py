@@ -38,15 +38,15 @@ from mrigen.config import config_from_dict
 
 from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade
 
-__all__ = ["FORMAT", "FeatureNet", "FeatureNetConfig", "cache_path", "extract_features", "get_feature_net",
-           "load_feature_net", "save_feature_net", "train_feature_net", "train_halves"]
+__all__ = ["FORMAT", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path", "extract_features", "get_feature_net",
+           "load_feature_net", "resize_square", "save_feature_net", "train_feature_net", "train_halves"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mrigen.feature_net/2"     # metadata["format"]; /2: seven degradation classes, half the train subjects
 
 
-class _Store(Protocol):
+class StoreLike(Protocol):
     """What the feature network needs of a slice store (a subset of `mrigen.data.store.SliceStore`)."""
 
     digest: str
@@ -116,7 +116,7 @@ def train_halves(slices: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tens
     return (half == 0).nonzero().flatten(), (half == 1).nonzero().flatten()
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
     """`(B, 1, H, W)` -> `(B, 1, size, size)` float32 (bilinear, antialiased when shrinking)."""
     x = x.float()
     if tuple(x.shape[-2:]) == (size, size):
@@ -148,7 +148,7 @@ class FeatureNet(nn.Module):
         """`(B, 1, H, W)` in [0, 1] -> `(B, 1, s, s)` centred at 0, s = cfg.input_size."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"FeatureNet input must be (B, 1, H, W); got shape {tuple(x.shape)}")
-        return _resize(x, self.cfg.input_size) - 0.5
+        return resize_square(x, self.cfg.input_size) - 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw penultimate activations: `(B, 1, H, W)` in [0, 1] -> `(B, feature_dim)`."""
@@ -182,7 +182,7 @@ def extract_features(net: FeatureNet, images: torch.Tensor, *, batch_size: int =
         net.train(was_training)
 
 
-def cache_path(store: _Store) -> Path:
+def cache_path(store: StoreLike) -> Path:
     """Where the feature network of `store` is cached: `STORE/feature_net-v<format>-<digest[:12]>.safetensors`.
 
     The format version is in the name, so a cache written by an older mrigen is ignored (and a new one trained)
@@ -193,7 +193,7 @@ def cache_path(store: _Store) -> Path:
 
 
 @torch.enable_grad()                 # callers such as evaluate() run under no_grad
-def train_feature_net(store: _Store, cfg: FeatureNetConfig | None = None, *,
+def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
                       device: torch.device | str = "cpu") -> tuple[FeatureNet, dict[str, float]]:
     """Train a feature network on the store's real train slices of the first `train_halves` half.
 
@@ -215,7 +215,7 @@ def train_feature_net(store: _Store, cfg: FeatureNetConfig | None = None, *,
     if images.shape[0] != len(slices):
         raise ValueError(f"store.slices('train') has {len(slices)} rows but the train tensor has "
                          f"{images.shape[0]} images")
-    images = _resize(images[rows.to(device)], cfg.input_size)           # (N, 1, s, s) in [0, 1]
+    images = resize_square(images[rows.to(device)], cfg.input_size)           # (N, 1, s, s) in [0, 1]
     targets: AuxTargets = aux_targets([slices[i] for i in rows.tolist()], images.shape[0], device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     torch_state = torch.random.get_rng_state()
@@ -320,7 +320,7 @@ def load_feature_net(path: Path | str, *, store_digest: str, device: torch.devic
     return net.to(device).eval()
 
 
-def get_feature_net(store: _Store, weights: Path | str | None = None, *, device: torch.device | str = "cpu",
+def get_feature_net(store: StoreLike, weights: Path | str | None = None, *, device: torch.device | str = "cpu",
                     config: FeatureNetConfig | None = None) -> FeatureNet:
     """The feature network of `store`: user weights, else the cached file, else train and cache it.
 

@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from mrigen import __version__
+from mrigen.metrics.features import StoreLike, resize_square
 from mrigen.config import config_from_dict
 
 __all__ = ["ATTRIBUTES", "FORMAT", "SEXES", "ProbeConfig", "ProbeNet", "Probes", "get_probes", "label_info",
@@ -49,15 +50,6 @@ FORMAT = "mrigen.probes/1"          # metadata["format"]; the version is in the 
 ATTRIBUTES = ("slice_pos", "site", "age", "sex")
 SEXES = ("F", "M")                  # class index = position
 _MIN_LABELLED = 2                   # an attribute needs >= 2 distinct known values to be probed
-
-
-class _Store(Protocol):
-    digest: str
-    path: Path
-
-    def tensor(self, split: str, device: Any, dtype: torch.dtype = ...) -> torch.Tensor: ...
-
-    def slices(self, split: str) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -141,13 +133,6 @@ def _targets(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, tupl
     return out
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    x = x.float()
-    if tuple(x.shape[-2:]) == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
 class ProbeNet(nn.Module):
     """Conv trunk (stride-2 3x3 stages, GroupNorm, LeakyReLU), a dense layer, one head per attribute.
 
@@ -174,7 +159,7 @@ class ProbeNet(nn.Module):
         """`(B, 1, H, W)` in [0, 1] -> {attribute: `(B,)` regression or `(B, classes)` logits}."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"probe input must be (B, 1, H, W); got shape {tuple(x.shape)}")
-        h = self.dense(self.trunk(_resize(x, self.cfg.input_size) - 0.5))     # (B, hidden)
+        h = self.dense(self.trunk(resize_square(x, self.cfg.input_size) - 0.5))     # (B, hidden)
         return {k: (head(h)[:, 0] if head.out_features == 1 else head(h)) for k, head in self.heads.items()}
 
 
@@ -274,13 +259,13 @@ class Probes:
         return out
 
 
-def probe_cache_path(store: _Store) -> Path:
+def probe_cache_path(store: StoreLike) -> Path:
     """`STORE/probes-v<format>-<digest[:12]>.safetensors` (a new format version ignores older caches)."""
     return Path(store.path) / f"probes-v{FORMAT.rsplit('/', 1)[1]}-{store.digest[:12]}.safetensors"
 
 
 @torch.enable_grad()
-def train_probes(store: _Store, cfg: ProbeConfig | None = None, *, device: torch.device | str = "cpu") -> Probes:
+def train_probes(store: StoreLike, cfg: ProbeConfig | None = None, *, device: torch.device | str = "cpu") -> Probes:
     """Train the probes on every real training slice of `store` and score them on its val split.
 
     Inputs are flipped left-right at random (no attribute depends on the side) so the probes read anatomy and
@@ -296,7 +281,7 @@ def train_probes(store: _Store, cfg: ProbeConfig | None = None, *, device: torch
     if not info["attributes"]:
         raise ValueError(f"store {store.path}: no attribute with two or more values among {', '.join(ATTRIBUTES)}; "
                          f"nothing to probe")
-    images = _resize(store.tensor("train", device), cfg.input_size)          # (N, 1, s, s)
+    images = resize_square(store.tensor("train", device), cfg.input_size)          # (N, 1, s, s)
     if images.shape[0] != len(rows):
         raise ValueError(f"store.slices('train') has {len(rows)} rows but the train tensor has {images.shape[0]}")
     targets = {a: (t.to(device), m.to(device)) for a, (t, m) in _targets(rows, info).items()}
@@ -367,7 +352,7 @@ def _load(path: Path, store_digest: str, device: torch.device | str) -> Probes:
     return Probes(net.to(device), info, json.loads(meta.get("val_scores") or "{}"))
 
 
-def get_probes(store: _Store, *, device: torch.device | str = "cpu", config: ProbeConfig | None = None) -> Probes:
+def get_probes(store: StoreLike, *, device: torch.device | str = "cpu", config: ProbeConfig | None = None) -> Probes:
     """The probes of `store`: the cached file if there is one (and `config` is None or equal), else trained and
     cached (a read-only store folder only logs a warning)."""
     path = probe_cache_path(store)
