@@ -64,3 +64,14 @@ def test_recommended_configs_build_for_every_mode(family, mode):
     model_cfg, train_cfg = quality.recommended(family, mode)
     assert model_cfg.family == family and model_cfg.image_size == quality.MODES[mode]["size"]
     assert train_cfg.final_eval and model_cfg.grid_size in (8, 16)
+
+
+def test_metric_sensitivity_scores_every_degradation(tmp_path):
+    from mrigen.data import build_demo_store
+    from mrigen.metrics.pretext import DEGRADATIONS
+
+    store = build_demo_store(tmp_path / "work", subjects=6, size=32, progress=False)
+    text = _run(str(BENCH / "metric_sensitivity.py"), "--store", str(store.path), "--samples", "20")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(DEGRADATIONS) <= set(rows)
+    assert "precision_real" in text
