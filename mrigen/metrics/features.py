@@ -39,7 +39,7 @@ from mrigen.config import config_from_dict
 from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade
 
 __all__ = ["FORMAT", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path", "extract_features", "get_feature_net",
-           "load_feature_net", "resize_square", "save_feature_net", "train_feature_net", "train_halves"]
+           "load_feature_net", "resize_square", "save_feature_net", "save_weights_atomic", "train_feature_net", "train_halves"]
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,14 @@ def save_feature_net(net: FeatureNet, path: Path | str, *, store_digest: str,
     path = Path(path)
     metadata = {"format": FORMAT, "store_digest": store_digest, "config": json.dumps(asdict(net.cfg)),
                 "mrigen_version": __version__, "train_summary": json.dumps(summary or {})}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    save_weights_atomic(net, path, metadata)
+    return path
+
+
+def save_weights_atomic(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """Write `module`'s state dict (CPU, contiguous) and `metadata` as safetensors at `path` through a temporary
+    sibling and a rename, so a reader never sees a half-written file."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -279,7 +286,6 @@ def save_feature_net(net: FeatureNet, path: Path | str, *, store_digest: str,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def load_feature_net(path: Path | str, *, store_digest: str, device: torch.device | str = "cpu") -> FeatureNet:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from mrigen import __version__
-from mrigen.metrics.features import StoreLike, resize_square
+from mrigen.metrics.features import StoreLike, resize_square, save_weights_atomic
 from mrigen.config import config_from_dict
 
 __all__ = ["ATTRIBUTES", "FORMAT", "SEXES", "ProbeConfig", "ProbeNet", "Probes", "get_probes", "label_info",
@@ -324,15 +322,7 @@ def _save(probes: Probes, path: Path, store_digest: str) -> None:
     metadata = {"format": FORMAT, "store_digest": store_digest, "config": json.dumps(asdict(probes.net.cfg)),
                 "info": json.dumps(probes.info), "val_scores": json.dumps(probes.val_scores),
                 "mrigen_version": __version__}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in probes.net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_weights_atomic(probes.net, path, metadata)
 
 
 def _load(path: Path, store_digest: str, device: torch.device | str) -> Probes:
