@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -18,6 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Flows that only need *a* feature network (tune, train with a final evaluation, the CLIs they start) train it
+# with 600 steps instead of the default 1,500 to keep the suite's time; tests of what the metrics can see pass
+# an explicit FeatureNetConfig() (tests/metrics/test_metrics_discrimination.py).
+os.environ.setdefault("MRIGEN_FEATURE_NET_STEPS", "600")
 
 # Variables that would give the client direct S3 access or another tracking server; removed by `mlflow_env`.
 _CLIENT_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",

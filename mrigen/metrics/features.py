@@ -11,8 +11,12 @@ trained here, on the store itself, with three auxiliary tasks (docs/METRICS.md s
 
 It trains on the subjects of one `train_halves` half only: the other half is the real baseline of `evaluate`.
 
-Features are the L2-normalised penultimate activations, `FeatureNetConfig.feature_dim` wide. The trained trunk
-is cached as `STORE/feature_net-v2-<digest[:12]>.safetensors` with the store digest and config in its metadata.
+Features are the L2-normalised penultimate activations (`FeatureNetConfig.feature_dim` wide) followed by the
+network's own degradation probabilities (one per `pretext.DEGRADATIONS` entry, times `detector_weight`): a sample
+set the network sees as blotched or patchy then sits away from real slices by construction, instead of along
+whichever small direction of the embedding the degradation head happens to use (docs/METRICS.md, "why the
+detector is in the features"). The trained network (trunk, embedding, degradation head) is cached as
+`STORE/feature_net-v3-<digest[:12]>.safetensors` with the store digest and config in its metadata.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ from mrigen.config import config_from_dict
 
 from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade
 
-__all__ = ["FORMAT", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path", "extract_features", "get_feature_net",
-           "load_feature_net", "resize_square", "save_feature_net", "save_weights_atomic", "train_feature_net", "train_halves"]
+__all__ = ["FORMAT", "STEPS_ENV", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path", "default_config",
+           "extract_features", "get_feature_net", "load_feature_net", "resize_square", "save_feature_net",
+           "save_weights_atomic", "train_feature_net", "train_halves"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mrigen.feature_net/2"     # metadata["format"]; /2: seven degradation classes, half the train subjects
+STEPS_ENV = "MRIGEN_FEATURE_NET_STEPS"   # overrides FeatureNetConfig.steps of a newly trained default network
+FORMAT = "mrigen.feature_net/3"     # metadata["format"]; /3: degradation head saved and part of the features
 
 
 class StoreLike(Protocol):
@@ -59,12 +65,13 @@ class StoreLike(Protocol):
 
 @dataclass(frozen=True)
 class FeatureNetConfig:
-    """Architecture and training of the feature network. Defaults train in ~35 s on one CPU core at 64 px."""
+    """Architecture and training of the feature network. Defaults train in ~80 s on two CPU cores at 64 px."""
 
     input_size: int = 64                    # every image is resized to this side first (any store size works)
     channels: tuple[int, ...] = (16, 32, 64, 128)    # conv stages, each halves the side (64 -> 4 px)
-    feature_dim: int = 128                  # width of the penultimate layer = the feature vector
-    steps: int = 600                        # optimiser steps (~35 s on one busy CPU core at 64 px)
+    feature_dim: int = 128                  # width of the penultimate layer (features add len(DEGRADATIONS))
+    detector_weight: float = 1.0            # scale of the degradation probabilities in the features (0 = off)
+    steps: int = 1500                       # optimiser steps (600 left patchy samples near real: METRICS.md)
     batch_size: int = 64                    # slices per step (each gets one random degradation)
     lr: float = 5e-4                        # Adam learning rate (1e-3+ leaves the degradation task at chance)
     seed: int = 0                           # seeds weights, batches and degradations
@@ -81,11 +88,32 @@ class FeatureNetConfig:
                 f"{2 ** len(self.channels)} and leave at least 2 px after the last stage")
         if not self.lr > 0:
             raise ValueError(f"FeatureNetConfig.lr={self.lr!r} must be > 0")
+        if not self.detector_weight >= 0:
+            raise ValueError(f"FeatureNetConfig.detector_weight={self.detector_weight!r} must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureNetConfig":
         """Build from a plain dict (e.g. file metadata), refusing unknown keys by name."""
         return config_from_dict(cls, data)
+
+
+def default_config() -> FeatureNetConfig:
+    """`FeatureNetConfig()`, with `steps` from the environment variable `MRIGEN_FEATURE_NET_STEPS` when it is set
+    (fewer steps train faster and see failures less well: docs/METRICS.md; the test suite uses 600).
+
+    Raises:
+        ValueError: if the variable is set but is not an integer >= 1.
+    """
+    raw = os.environ.get(STEPS_ENV, "").strip()
+    if not raw:
+        return FeatureNetConfig()
+    try:
+        steps = int(raw)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ValueError(f"{STEPS_ENV}={raw!r} must be an integer >= 1 (feature network training steps)")
+    return FeatureNetConfig(steps=steps)
 
 
 def train_halves(slices: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +153,8 @@ def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class FeatureNet(nn.Module):
-    """Conv trunk + dense embedding; `features(x)` gives L2-normalised `(B, feature_dim)` vectors.
+    """Conv trunk + dense embedding + degradation head; `features(x)` gives `(B, feature_dim + n_deg)` vectors:
+    the unit-norm embedding, then `detector_weight` times the degradation probabilities.
 
     Args:
         cfg: architecture (input_size, channels, feature_dim).
@@ -143,6 +172,16 @@ class FeatureNet(nn.Module):
         self.trunk = nn.Sequential(*layers)
         side = cfg.input_size // 2 ** len(cfg.channels)
         self.embed = nn.Linear(c_in * side * side, cfg.feature_dim)   # flatten keeps the anatomical layout
+        self.detector = nn.Linear(cfg.feature_dim, len(DEGRADATIONS))  # degradation logits from the embedding
+
+    @property
+    def out_dim(self) -> int:
+        """Width of `features(x)`: the embedding, then one probability per degradation."""
+        return self.cfg.feature_dim + len(DEGRADATIONS)
+
+    def degradation_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """`(B, feature_dim)` raw embedding -> `(B, len(DEGRADATIONS))` logits (index = `DEGRADATIONS` entry)."""
+        return self.detector(F.leaky_relu(h, 0.2))
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, 1, H, W)` in [0, 1] -> `(B, 1, s, s)` centred at 0, s = cfg.input_size."""
@@ -156,8 +195,11 @@ class FeatureNet(nn.Module):
         return self.embed(h.flatten(1))     # (B, C, s, s) -> (B, C*s*s) -> (B, feature_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features: `(B, 1, H, W)` in [0, 1] -> `(B, feature_dim)`, unit norm per row."""
-        return F.normalize(self.forward(x), dim=1)
+        """`(B, 1, H, W)` in [0, 1] -> `(B, out_dim)`: unit-norm embedding, then `detector_weight` x softmax of
+        the degradation logits (so every row's norm lies in [1, sqrt(1 + detector_weight**2)])."""
+        h = self.forward(x)
+        probs = self.degradation_logits(h).softmax(1)
+        return torch.cat([F.normalize(h, dim=1), self.cfg.detector_weight * probs], 1)
 
 
 @torch.no_grad()
@@ -170,7 +212,7 @@ def extract_features(net: FeatureNet, images: torch.Tensor, *, batch_size: int =
         batch_size: images per forward pass.
 
     Returns:
-        `(N, feature_dim)` float32 on the images' device, unit rows.
+        `(N, net.out_dim)` float32 on the images' device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -222,7 +264,7 @@ def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
     torch.manual_seed(cfg.seed)                                # weight init, without touching caller's RNG
     net = FeatureNet(cfg)
     n_deg = len(DEGRADATIONS)
-    heads = nn.Linear(cfg.feature_dim, 1 + targets.n_sites + n_deg)  # position | site logits | degradation logits
+    heads = nn.Linear(cfg.feature_dim, 1 + targets.n_sites)       # position | site logits (store-specific)
     torch.random.set_rng_state(torch_state)
     net.to(device)
     heads.to(device)
@@ -234,7 +276,8 @@ def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
     for step in bar:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
         x, kind = degrade(images[idx], gen)                    # (B, 1, H, W), (B,) index into DEGRADATIONS
-        out = heads(F.leaky_relu(net(x), 0.2))                 # (B, 1 + n_sites + n_deg)
+        h = net(x)                                             # (B, feature_dim)
+        out = torch.cat([heads(F.leaky_relu(h, 0.2)), net.degradation_logits(h)], 1)  # (B, 1 + n_sites + n_deg)
         pos_err = out[:, 0] - targets.pos[idx]
         loss_deg = F.cross_entropy(out[:, -n_deg:], kind)
         loss = loss_deg + (pos_err.pow(2).mean() if targets.has_pos else 0.0)
@@ -334,7 +377,7 @@ def get_feature_net(store: StoreLike, weights: Path | str | None = None, *, devi
         store: slice store (digest, path, tensor(), slices()).
         weights: a user-supplied feature network file; validated against the store digest and its shapes.
         device: where the returned net lives (and where a new one is trained).
-        config: settings for a new network (None = defaults). A cached file is used whatever its settings when
+        config: settings for a new network (None = `default_config()`). A cached file is used whatever its settings when
             `config` is None, and refused (not replaced) when `config` is given and differs from them.
 
     Returns:
@@ -350,7 +393,7 @@ def get_feature_net(store: StoreLike, weights: Path | str | None = None, *, devi
             raise ValueError(f"cached feature network {path} was made with other settings ({changed}); pass "
                              f"config={net.cfg} to use it, or delete the file to train a new one")
         return net
-    net, summary = train_feature_net(store, config or FeatureNetConfig(), device=device)
+    net, summary = train_feature_net(store, config or default_config(), device=device)
     try:
         save_feature_net(net, path, store_digest=store.digest, summary=summary)
     except OSError as exc:   # a read-only store still evaluates; the next call retrains (seeded: same weights)

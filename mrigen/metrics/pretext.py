@@ -1,7 +1,9 @@
 """Pretext tasks the feature network learns from: targets from slice metadata, and input degradations.
 
 The degradations are the ways generators fail (docs/METRICS.md): blur, noise, smooth intensity blotches inside
-the head, broken skull/scalp rims, transposed-convolution checkerboards and a washed-out interior. The feature
+the head, broken skull/scalp rims, transposed-convolution checkerboards, a washed-out interior, and wrong-token
+patches (cells of a VQ code grid showing another place's content: dark holes in the brain, bright specks in the
+background, gaps in the rim). The feature
 network must say which one (if any) an input carries, so its features move when a sample shows one.
 """
 
@@ -15,15 +17,19 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["AuxTargets", "BLOTCH_AMP", "BLUR_SIGMA", "CHECKER_AMP", "CONTRAST_GAIN", "DEGRADATIONS", "NOISE_STD",
+           "PATCH_EDGE", "PATCH_GRIDS", "PATCH_SHARE",
            "apply_degradation", "aux_targets", "degrade", "head_masks"]
 
 # Class index = position in this tuple.
-DEGRADATIONS = ("clean", "blur", "noise", "blotch", "rim", "checker", "contrast")
-BLUR_SIGMA = (0.4, 1.5)       # Gaussian blur sigma range, pixels of the feature net input
-NOISE_STD = (0.01, 0.06)      # additive Gaussian noise std range, intensity units (images in [0, 1])
-BLOTCH_AMP = (0.10, 0.35)     # peak intensity change of a blob (twice the std of a blotch field) in the head
-CHECKER_AMP = (0.02, 0.10)    # amplitude of the periodic 2x2 / 4x4 pattern
+DEGRADATIONS = ("clean", "blur", "noise", "blotch", "rim", "checker", "contrast", "patches")
+BLUR_SIGMA = (0.6, 1.5)       # Gaussian blur sigma range, pixels of the feature net input
+NOISE_STD = (0.02, 0.06)      # additive Gaussian noise std range, intensity units (images in [0, 1])
+BLOTCH_AMP = (0.15, 0.35)     # peak intensity change of a blob (twice the std of a blotch field) in the head
+CHECKER_AMP = (0.03, 0.10)    # amplitude of the periodic 2x2 / 4x4 pattern
 CONTRAST_GAIN = (0.35, 0.75)  # interior contrast is multiplied by this (1 = unchanged)
+PATCH_SHARE = (0.02, 0.12)    # share of the head's grid cells that show another cell's content
+PATCH_GRIDS = (16, 32)        # cells per side (a VQ-VAE code grid); cells of fewer than 2 px are not used
+PATCH_EDGE = (0.3, 1.0)       # Gaussian sigma (px) that softens the replaced cells' edges
 _FOREGROUND = 0.08            # intensity above which a pixel counts as head (background sits near 0)
 
 
@@ -185,6 +191,45 @@ def _washed_out(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> to
     return x + soft * ((mean + gain * (x - mean) + lift) - x)
 
 
+def _patches(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Wrong-token patches: a share (PATCH_SHARE) of the grid cells touching the head take the content of other
+    cells drawn anywhere in the head's neighbourhood (head, rim or background), as when a code prior picks a
+    wrong code: dark holes inside the brain, bright specks outside it, gaps in the rim.
+
+    Args:
+        x: `(B, 1, H, W)` in [0, 1].
+        head: `(B, 1, H, W)` head mask of `x`.
+        gen: CPU generator.
+
+    Returns:
+        `(B, 1, H, W)`: x with the chosen cells replaced.
+    """
+    b, _, h, w = x.shape
+    grids = [g for g in PATCH_GRIDS if min(h, w) // g >= 2] or [max(1, min(h, w) // 2)]
+    grid = grids[int(torch.randint(0, len(grids), (1,), generator=gen))]
+    cell = min(h, w) // grid
+    hh, ww = (h // cell) * cell, (w // cell) * cell                       # crop to whole cells; the rest stays
+    cells = F.unfold(x[..., :hh, :ww], cell, stride=cell)                 # (B, cell*cell, n_cells)
+    n_cells = cells.shape[-1]
+    near = F.max_pool2d(head[..., :hh, :ww], cell, stride=cell).flatten(1)          # (B, n_cells): touches head
+    around = F.max_pool2d(near.reshape(b, 1, hh // cell, ww // cell), 5, stride=1, padding=2).flatten(1)
+    share = _uniform(b, *PATCH_SHARE, gen)[:, None]
+    pick = (torch.rand(b, n_cells, generator=gen) < share).to(x.device) & (near > 0)      # cells to replace
+    # source: a random cell of the head's neighbourhood (`around`), drawn by sorting random keys
+    keys = torch.rand(b, n_cells, generator=gen).to(x.device) + (around <= 0).float()   # outside sorts last
+    order = keys.argsort(1)                                                              # (B, n_cells)
+    n_around = (around > 0).sum(1, keepdim=True).clamp_min(1)
+    slot = (torch.rand(b, n_cells, generator=gen).to(x.device) * n_around).long().clamp_max(n_cells - 1)
+    src = order.gather(1, slot)                                                          # (B, n_cells)
+    moved = cells.gather(2, src[:, None, :].expand_as(cells))
+    swapped = F.fold(moved, (hh, ww), cell, stride=cell)                                 # (B, 1, hh, ww)
+    mask = F.fold(pick[:, None, :].float().expand(b, cell * cell, n_cells), (hh, ww), cell, stride=cell)
+    mask = _blur(mask, _uniform(b, *PATCH_EDGE, gen))             # decoders draw the patch edges soft or sharp
+    out = x.clone()
+    out[..., :hh, :ww] = x[..., :hh, :ww] + mask * (swapped - x[..., :hh, :ww])
+    return out
+
+
 def degrade(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one random degradation per image, uniformly over `DEGRADATIONS` ("clean" leaves it as is).
 
@@ -237,4 +282,6 @@ def apply_degradation(name: str, x: torch.Tensor, gen: torch.Generator) -> torch
         return _broken_rim(x, rim, head, gen)
     if name == "checker":
         return x + _checker(x, head, gen)
+    if name == "patches":
+        return _patches(x, head, gen)
     return _washed_out(x, head, gen)

@@ -13,12 +13,13 @@ from safetensors.torch import load_file, save_file
 import mrigen.metrics.features as features_mod
 from mrigen.metrics import (FeatureNet, FeatureNetConfig, cache_path, extract_features, frechet_distance,
                             get_feature_net, load_feature_net, save_feature_net)
+from mrigen.metrics.pretext import DEGRADATIONS
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
     ("input_size", 0, "input_size"), ("input_size", 40, "input_size"), ("steps", 0, "steps"),
     ("batch_size", 0, "batch_size"), ("feature_dim", 0, "feature_dim"), ("lr", 0.0, "lr"),
-    ("channels", (), "channels"), ("channels", (8, 0), "channels"),
+    ("channels", (), "channels"), ("channels", (8, 0), "channels"), ("detector_weight", -0.5, "detector_weight"),
 ])
 def test_config_rejects_invalid_values(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=f"FeatureNetConfig.{match}"):
@@ -32,11 +33,16 @@ def test_config_from_dict_rejects_unknown_keys_and_round_trips() -> None:
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
-def test_features_are_unit_vectors_of_fixed_width_for_any_size(size: int) -> None:
+def test_features_are_a_unit_embedding_then_detector_probabilities_for_any_size(size: int) -> None:
     net = FeatureNet(TINY_FEATURES)
     feats = extract_features(net, torch.rand(5, 1, size, size), batch_size=2)
-    assert feats.shape == (5, TINY_FEATURES.feature_dim)
-    assert torch.allclose(feats.norm(dim=1), torch.ones(5), atol=1e-5)
+    emb = TINY_FEATURES.feature_dim
+    assert feats.shape == (5, emb + len(DEGRADATIONS)) == (5, net.out_dim)
+    assert torch.allclose(feats[:, :emb].norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(feats[:, emb:].sum(1), torch.full((5,), TINY_FEATURES.detector_weight), atol=1e-5)
+    assert bool((feats[:, emb:] >= 0).all())
+    net.cfg = replace(TINY_FEATURES, detector_weight=0.0)          # 0 turns the detector part off
+    assert float(extract_features(net, torch.rand(2, 1, size, size))[:, emb:].abs().max()) == 0.0
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         net.features(torch.rand(2, 3, size, size))
 
@@ -45,7 +51,7 @@ def test_cache_second_call_loads_without_training(tmp_path, monkeypatch: pytest.
     store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
     first = get_feature_net(store, config=TINY_FEATURES)
     path = cache_path(store)
-    assert path.name == f"feature_net-v2-{store.digest[:12]}.safetensors" and path.is_file()
+    assert path.name == f"feature_net-v3-{store.digest[:12]}.safetensors" and path.is_file()
     assert not list(tmp_path.glob("*.tmp"))                       # atomic write left no temporary file
 
     def no_training(*args, **kwargs):
@@ -154,3 +160,14 @@ def test_feature_net_trains_when_called_under_no_grad(store: SyntheticStore) -> 
         net, summary = train_feature_net(store, FeatureNetConfig(steps=3, batch_size=8))
     assert all(p.requires_grad for p in net.parameters())
     assert summary["loss"] == summary["loss"]    # finite, not NaN
+
+
+def test_default_config_reads_steps_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(features_mod.STEPS_ENV, "7")
+    assert features_mod.default_config() == FeatureNetConfig(steps=7)
+    monkeypatch.setenv(features_mod.STEPS_ENV, "")
+    assert features_mod.default_config() == FeatureNetConfig()
+    for bad in ("many", "0", "-3"):
+        monkeypatch.setenv(features_mod.STEPS_ENV, bad)
+        with pytest.raises(ValueError, match=f"MRIGEN_FEATURE_NET_STEPS='{bad}'"):
+            features_mod.default_config()

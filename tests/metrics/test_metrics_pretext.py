@@ -55,5 +55,10 @@ def test_each_degradation_changes_what_it_names(store: SyntheticStore, name: str
         assert float(grad(y)) < float(grad(x))
     if name == "noise":
         assert float(outside.mean()) > 0.002                                 # everywhere
+    if name == "patches":
+        changed = (diff > 0.05).float()
+        assert 0.003 < float(changed.mean()) < 0.3                           # a share of the cells, not all
+        near = torch.nn.functional.max_pool2d(head, 9, stride=1, padding=4)
+        assert float((changed * (1 - near)).sum()) == 0.0                    # only in and around the head
     with pytest.raises(ValueError, match="unknown"):
         apply_degradation("smudge", x, torch.Generator())
