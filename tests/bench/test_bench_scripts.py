@@ -75,3 +75,7 @@ def test_metric_sensitivity_scores_every_degradation(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert set(DEGRADATIONS) <= set(rows)
     assert "precision_real" in text
+    text = _run(str(BENCH / "metric_sensitivity.py"), "--store", str(store.path), "--samples", "20",
+                "--failures", "test", "--seeds", "2")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"clean", "blotches", "code_errors"} <= set(rows) and "+-" in rows["blotches"]
