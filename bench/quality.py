@@ -49,9 +49,10 @@ SAMPLE_TARGETS = {"gpu": [("fd_ratio", 2.0, "max"), ("precision", 0.7, "min"), (
                           ("memorised", 0.0, "max")], "cpu": []}
 
 
-def recommended(family: str, mode: str):
-    """(ModelConfig, TrainConfig) of a family's recommended config with the mode's image size, device, budget."""
-    layers = load_config_file(CONFIGS / f"{family}-recommended.yaml")
+def recommended(family: str, mode: str, recipe: str = "recommended"):
+    """(ModelConfig, TrainConfig) of `experiments/configs/<family>-<recipe>.yaml` with the mode's image size,
+    device and budget."""
+    layers = load_config_file(CONFIGS / f"{family}-{recipe}.yaml")
     budget = BUDGETS[(mode, family)]
     budget_layer = {"model": {**budget.get("model", {}), "image_size": MODES[mode]["size"]},
                     "train": {**budget.get("train", {}), "device": MODES[mode]["device"], "final_eval": True}}

@@ -1,8 +1,10 @@
 """Augmentation-utility benchmark: the champion recipe's synthetic slices, four arms, every task, one table.
 
-Trains the VQ-VAE recipe of bench/quality.py on the demo store, conditioned on slice_pos / site / age / sex
-(`--recipe conditional`, the default: synthetic slices are generated for the real label distribution and carry
-the requested labels) or unconditional (`--recipe unconditional`: the probes label its samples), or takes `--model` (a saved model directory or a models:/ / runs:/ URI), then runs `mrigen.utility`'s protocol for
+Trains a VQ-VAE recipe on the demo store with bench/quality.py's budget for the mode: the conditional one
+(`--recipe conditional`, the default: experiments/configs/vqvae-conditional.yaml, conditioned on slice_pos /
+site / age / sex; synthetic slices are generated for the real label distribution and carry the requested labels)
+or the recommended unconditional one (`--recipe unconditional`: the probes label its samples), or takes `--model`
+(a saved model directory or a models:/ / runs:/ URI), then runs `mrigen.utility`'s protocol for
 each task on the demo store's held-out test subjects and prints the tables, a one-line summary per task and the
 issue's targets (F = 0.25: real + synthetic beats real only on `site` and `slice_pos` by more than the seed
 spread; TSTR >= 80% of real only).
@@ -25,10 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CONFIGS, MODES, recommended  # noqa: E402  (the champion recipe and the mode's size / device)
+from quality import MODES, recommended  # noqa: E402  (the champion recipe and the mode's size / device)
 
 from mrigen.data import DEMO_SUBJECTS, build_demo_store  # noqa: E402
-from mrigen.train.configs import load_config_file  # noqa: E402
 from mrigen.utility import TASKS, UtilityConfig, run_utility, summary, table  # noqa: E402
 from mrigen.utility.report import plot  # noqa: E402
 
@@ -41,15 +42,12 @@ RECIPES = ("conditional", "unconditional")
 
 def train_recipe(store, mode: str, out: Path, epochs: int | None, prior_steps: int | None,
                  recipe: str = "conditional"):
-    """The VQ-VAE recipe with the mode's budget (no final evaluation: bench/quality.py measures quality); the
-    conditional recipe adds the attributes of experiments/configs/vqvae-conditional.yaml."""
+    """A VQ-VAE recipe with the mode's budget (no final evaluation: bench/quality.py measures quality):
+    experiments/configs/vqvae-conditional.yaml, or vqvae-recommended.yaml for "unconditional"."""
     from mrigen.models import save_model
     from mrigen.train import train
 
-    model_cfg, train_cfg = recommended("vqvae", mode)
-    if recipe == "conditional":
-        conditions = load_config_file(CONFIGS / "vqvae-conditional.yaml")["model"]["conditions"]
-        model_cfg = dataclasses.replace(model_cfg, conditions=tuple(conditions))
+    model_cfg, train_cfg = recommended("vqvae", mode, "conditional" if recipe == "conditional" else "recommended")
     overrides = {"epochs": epochs, "prior_steps": prior_steps, "final_eval": False}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = train(model_cfg, train_cfg, store, progress=False)
@@ -76,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="for a models:/ or runs:/ --model")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
-    if mode["device"] == "cpu":
-        torch.set_num_threads(1)            # small tensors on a shared machine: one thread is faster
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store = build_demo_store(args.work / f"demo-{mode['size']}", subjects=args.subjects, size=mode["size"],
@@ -108,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = ratio <= bound if kind == "max" else ratio >= bound
                 print(f"target {key[5:]}: generated / real {ratio:.2f} {'<=' if kind == 'max' else '>='} {bound}: "
                       + ("met" if ok else "MISSED"), flush=True)
+    if mode["device"] == "cpu":
+        torch.set_num_threads(1)  # the downstream CNN's small tensors: one thread is faster (training above: all)
     counts = tuple(sorted({int(c) for c in args.synthetic.split(",")}))
     rows, tables = {}, []
     for task in args.task or list(TASKS):
