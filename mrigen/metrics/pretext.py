@@ -3,8 +3,8 @@
 The degradations are the ways generators fail (docs/METRICS.md): blur, noise, smooth intensity blotches inside
 the head, broken skull/scalp rims, transposed-convolution checkerboards, a washed-out interior, and wrong-token
 patches (cells of a VQ code grid showing another place's content: dark holes in the brain, bright specks in the
-background, gaps in the rim). The feature
-network must say which one (if any) an input carries, so its features move when a sample shows one.
+background, gaps in the rim). The feature network must say which one (if any) an input carries, so its features
+move when a sample shows one.
 """
 
 from __future__ import annotations
