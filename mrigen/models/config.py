@@ -12,12 +12,13 @@ from typing import Any, Mapping
 from mrigen.config import config_from_dict
 from mrigen.models.condition import check_names
 
-__all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "NORMS", "ModelConfig"]
+__all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "LATENT_PRIORS", "NORMS", "ModelConfig"]
 
 FAMILIES = ("vae", "vqvae")
 KERNEL_SIZES = (3, 4, 5)
 NORMS = ("batch", "group")
 LATENTS = ("dense", "spatial")
+LATENT_PRIORS = ("normal", "fitted")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ModelConfig:
     res_blocks: int = 0  # residual blocks (norm-act-conv3x3 twice, plus skip) after each resolution change; 0 = thesis
     latent: str = "dense"  # "dense" vector (B, latent_dim) | "spatial" map (B, latent_dim, h, w); VQ-VAE: "spatial"
     latent_dim: int = 1024  # VAE only: dense latent size, or channels of the spatial latent map
+    latent_prior: str = "normal"  # VAE sampling: "normal" z ~ N(0, I) | "fitted" Gaussian fitted to the training
+    #                               posterior means after training (mrigen.models.latent_prior)
     codebook_size: int = 512  # VQ-VAE: number of codes K
     code_dim: int = 64  # VQ-VAE: channels of each code vector
     commitment: float = 0.25  # VQ-VAE: weight of the commitment term ||z_e - sg(q)||^2
@@ -67,6 +70,7 @@ class ModelConfig:
         _check_choice("family", self.family, FAMILIES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("latent", self.latent, LATENTS)
+        _check_choice("latent_prior", self.latent_prior, LATENT_PRIORS)
         _check_choice("kernel_size", self.kernel_size, KERNEL_SIZES)
         for name in ("image_size", "blocks", "latent_dim", "codebook_size", "code_dim", "prior_channels",
                      "prior_layers", "condition_dim"):
@@ -103,6 +107,9 @@ class ModelConfig:
                 f"family='vqvae' quantizes a spatial grid of codes: latent={self.latent!r} is not allowed, "
                 "use latent='spatial'"
             )
+        if self.family == "vqvae" and self.latent_prior != "normal":
+            raise ValueError(f"latent_prior={self.latent_prior!r} is a VAE option; a VQ-VAE samples from its code "
+                             "prior (prior_channels, prior_layers, sample_temperature, sample_top_k)")
 
     @property
     def grid_size(self) -> int:

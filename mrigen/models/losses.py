@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
 
+from mrigen.models.ssim import gaussian_ssim
 from mrigen.models.vae import VAEOutput
 from mrigen.models.vqvae import VQOutput
 
@@ -73,7 +73,7 @@ def recon_nll(recon: torch.Tensor, x: torch.Tensor, kind: str = "mse", *, sigma:
         kind: "mse" (Gaussian) or "l1" (Laplace).
         sigma: "fixed", "optimal" or "learned".
         log_sigma: scalar tensor, required for sigma="learned" (the model's `log_sigma`).
-        ssim_weight: >= 0; 0 skips SSIM (torchmetrics' Gaussian 11x11 window, data range 1).
+        ssim_weight: >= 0; 0 skips SSIM (Gaussian 11x11 window, data range 1; see mrigen.models.ssim).
 
     Returns:
         (nll, pixel_weight): scalar fp32 tensors; pixel_weight is detached (see `LossTerms.pixel_weight`).
@@ -102,7 +102,7 @@ def recon_nll(recon: torch.Tensor, x: torch.Tensor, kind: str = "mse", *, sigma:
         weight = 0.5 * torch.exp(-2.0 * log_s) if kind == "mse" else torch.exp(-log_s)
     per_image = (err * weight).sum(dim=(1, 2, 3)) + x[0].numel() * log_s  # (B,)
     if ssim_weight > 0:
-        ssim = structural_similarity_index_measure(recon, x, data_range=1.0, reduction="none")  # (B,)
+        ssim = gaussian_ssim(recon, x, data_range=1.0)  # (B,)
         per_image = per_image + ssim_weight * weight * x[0].numel() * (1.0 - ssim)
     return per_image.mean(), weight.detach()
 

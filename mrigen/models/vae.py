@@ -6,6 +6,10 @@ statistics would wash the reconstruction out. `calibrate_reconstruction(images)`
 statistics on the mean path into a second set of buffers that `reconstruct` uses (sampling keeps the training
 statistics: z ~ N(0, I) has the variance of a sampled z). GroupNorm decoders need none of this.
 
+Sampling draws z from N(0, I), or with `cfg.latent_prior == "fitted"` from a Gaussian fitted to the training
+slices' posterior means once training ends (`fit_latent_prior`; see mrigen.models.latent_prior). Those z vary
+like posterior means, so the fitted prior decodes with the mean-path statistics too.
+
 Conditioning (`cfg.conditions`): the attributes `(B, A)` (see mrigen.models.condition) become one vector that
 modulates every encoder and decoder norm layer (FiLM), so z is free to hold what the attributes do not say and
 sampling decodes z ~ N(0, I) under the requested attributes. Without attributes a conditional model uses its
@@ -15,6 +19,7 @@ learned "unknown" vectors.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, NamedTuple
 
 import torch
@@ -23,6 +28,7 @@ from torch import nn
 from mrigen.models.blocks import LEAKY_SLOPE, Decoder, Encoder, FiLM, check_images, eval_mode, norm_widths, run_trunk
 from mrigen.models.condition import ConditionEmbedding
 from mrigen.models.config import ModelConfig
+from mrigen.models.latent_prior import GaussianLatentPrior
 
 __all__ = ["VAE", "VAEOutput"]
 
@@ -44,7 +50,7 @@ class VAEOutput(NamedTuple):
 
 
 class VAE(nn.Module):
-    """Convolutional VAE with a N(0, I) prior.
+    """Convolutional VAE with a N(0, I) prior (or, for sampling, a Gaussian fitted to its posterior means).
 
     Args:
         cfg: architecture; `cfg.latent` picks a dense vector of `latent_dim` or a spatial map of `latent_dim`
@@ -68,6 +74,9 @@ class VAE(nn.Module):
             self.to_posterior = nn.Conv2d(c, 2 * d, kernel_size=1)
             self.from_latent = nn.Sequential(nn.Conv2d(d, c, kernel_size=1), nn.LeakyReLU(LEAKY_SLOPE))
             self.latent_shape = (d, g, g)
+        self.latent_prior: GaussianLatentPrior | None = None
+        if cfg.latent_prior == "fitted":
+            self.latent_prior = GaussianLatentPrior(math.prod(self.latent_shape))
         # learned decoder scale of the sigma-VAE (train.sigma="learned"): log of the per-pixel std / Laplace scale
         self.log_sigma = nn.Parameter(torch.zeros(()))
         bns = self._decoder_batchnorms()
@@ -175,8 +184,20 @@ class VAE(nn.Module):
         with eval_mode(self), self._mean_path_statistics():
             return self.decode(self.encode(x, attrs)[0], attrs)
 
+    @torch.no_grad()
+    def fit_latent_prior(self, images: torch.Tensor, batch_size: int = 256, attrs: torch.Tensor | None = None) -> None:
+        """Fit the sampling prior (`cfg.latent_prior == "fitted"`) to the posterior means of `images` (N, 1, H, W)
+        in [0, 1], the training slices (with their encoded attributes `(N, A)` for a conditional model). A no-op for
+        a model that samples from N(0, I)."""
+        if self.latent_prior is None:
+            return
+        with eval_mode(self):
+            mus = [self.encode(images[i:i + batch_size].float(), None if attrs is None else attrs[i:i + batch_size])[0]
+                   for i in range(0, len(images), batch_size)]
+        self.latent_prior.fit(torch.cat(mus).flatten(1))
+
     def sample(self, n: int, generator: torch.Generator | None = None, conditions=None) -> torch.Tensor:
-        """Decode n draws of z ~ N(0, I), in eval mode, no grad.
+        """Decode n draws of z from the prior (N(0, I), or the fitted one), in eval mode, no grad.
 
         Args:
             n: number of images (>= 1).
@@ -187,6 +208,9 @@ class VAE(nn.Module):
 
         Returns:
             (n, 1, H, W) in [0, 1] on the model's device.
+
+        Raises:
+            RuntimeError: if the model samples from a fitted prior that was never fitted.
         """
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
@@ -195,6 +219,10 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         noise_device = generator.device if generator is not None else device
         attrs = None if self.condition is None else self.condition.resolve(n, conditions, generator).to(device)
-        z = torch.randn((n, *self.latent_shape), generator=generator, device=noise_device).to(device)
         with eval_mode(self):
-            return self.decode(z, attrs)
+            if self.latent_prior is None:
+                z = torch.randn((n, *self.latent_shape), generator=generator, device=noise_device).to(device)
+                return self.decode(z, attrs)
+            z = self.latent_prior.draw(n, generator).reshape(n, *self.latent_shape)
+            with self._mean_path_statistics():
+                return self.decode(z, attrs)

@@ -377,6 +377,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                 result.extra["early_stopped_epoch"] = epoch
                 break
             if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
+                if hasattr(model, "fit_latent_prior"):                   # samples of this epoch's weights
+                    model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
                 grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae", val_attrs=val_attrs)
                 for h in hooks:
                     h.on_images(ctx, epoch, grids)
@@ -386,6 +388,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             log.info("restored the weights of epoch %d (best val_ssim %.4f)", best.epoch, best.value)
         if hasattr(model, "calibrate_reconstruction") and not result.stopped_early:
             model.calibrate_reconstruction(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
+        if hasattr(model, "fit_latent_prior") and not result.stopped_early:   # VAE: N(0, I) or the fitted prior
+            model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
 
         if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_steps > 0:
             prior = train_prior(model, train_x, train_cfg, val_codes_from=val_x, progress=progress,
@@ -393,7 +397,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             result.extra["prior_loss"] = prior.train_nll
             result.extra["prior_val_nll"] = prior.val_nll
         model.eval()
-        can_sample = model_cfg.family == "vae" or bool(getattr(model, "prior_trained", False))
+        can_sample = bool(getattr(model, "prior_trained", False)) or (
+            model_cfg.family == "vae" and (model_cfg.latent_prior == "normal" or not result.stopped_early))
         if train_cfg.final_eval and not result.stopped_early:
             from mrigen.metrics import evaluate
 

@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
 
+from mrigen.models.ssim import gaussian_ssim
 from mrigen.models import VAEOutput, VQOutput, active_units, build_model, kl_per_dim, recon_loss, vae_loss, vq_vae_loss
 
 
@@ -100,3 +102,23 @@ def test_tiny_overfit_reduces_reconstruction_loss(make_cfg, make_images, family)
         opt.step()
         recons.append(terms.recon.item())
     assert recons[-1] < 0.5 * recons[0], recons
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_separable_ssim_equals_torchmetrics_in_value_and_gradient(size):
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(6, 1, size, size, generator=g)
+    recon = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    recon[0] = x[0]                                                           # one perfect pair: SSIM 1
+    a, b = recon.clone().requires_grad_(), recon.clone().requires_grad_()
+    fast = gaussian_ssim(a, x)
+    reference = structural_similarity_index_measure(b, x, data_range=1.0, reduction="none")
+    assert torch.allclose(fast, reference, atol=1e-5) and float(fast[0]) == pytest.approx(1.0, abs=1e-5)
+    fast.sum().backward()
+    reference.sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_separable_ssim_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="must both be"):
+        gaussian_ssim(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 8))

@@ -1,5 +1,6 @@
 """Invariants behind sample and reconstruction quality: sampling noise, prior sampling, BatchNorm mean path,
-decoder calibration (sigma-VAE), the patch discriminator, residual blocks and the latent-grid setting."""
+decoder calibration (sigma-VAE), the fitted latent prior, the patch discriminator, residual blocks and the latent-grid
+setting."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from mrigen.models import CodePrior, ModelConfig, build_model, load_model, save_model
+from mrigen.models.latent_prior import SHRINKAGE, GaussianLatentPrior
 from mrigen.models.adversarial import PatchDiscriminator, discriminator_loss, generator_loss
 from mrigen.models.losses import recon_nll, vae_loss
 from mrigen.models.prior import gumbel_noise
@@ -128,6 +130,72 @@ def test_group_norm_vae_needs_no_calibration(make_images, make_cfg):
     before = model.reconstruct(x)
     model.calibrate_reconstruction(x)
     assert not bool(model.mean_path_calibrated) and torch.equal(before, model.reconstruct(x))
+
+
+def _posterior_means(model, x):
+    with torch.no_grad():
+        model.eval()
+        return model.encode(x)[0].flatten(1)
+
+
+@pytest.mark.parametrize("norm,latent", [("group", "spatial"), ("batch", "dense")])
+def test_fitted_latent_prior_draws_with_the_posterior_means_moments(make_images, make_cfg, norm, latent):
+    torch.manual_seed(0)
+    model = build_model(make_cfg(image_size=32, blocks=3, norm=norm, latent=latent, latent_prior="fitted"))
+    x = make_images(200, 32) + 0.05 * torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.fit_latent_prior(x, batch_size=64)
+    mu = _posterior_means(model, x)
+    z = model.latent_prior.draw(50_000, torch.Generator().manual_seed(2))
+    assert z.shape == (50_000, mu.shape[1])
+    cov = torch.cov(mu.T)
+    shrunk = (1 - SHRINKAGE) * cov + SHRINKAGE * torch.diag(torch.diag(cov))
+    scale = float(mu.std(0).mean())
+    assert float((z.mean(0) - mu.mean(0)).abs().max()) < 0.05 * scale
+    assert float((torch.cov(z.T) - shrunk).abs().max()) < 0.05 * float(cov.abs().max())
+    assert model.sample(3, torch.Generator().manual_seed(0)).shape == (3, 1, 32, 32)
+
+
+def test_fitted_prior_keeps_correlations_that_a_standard_normal_loses():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 1, generator=g)
+    latents = torch.cat([base, base + 0.1 * torch.randn(500, 1, generator=g)], dim=1) * 3 + 5  # corr ~0.995
+    prior = GaussianLatentPrior(2)
+    prior.fit(latents)
+    z = prior.draw(20_000, torch.Generator().manual_seed(1))
+    expected = (1 - SHRINKAGE) * float(torch.corrcoef(latents.T)[0, 1])      # shrinkage scales the covariance
+    assert abs(float(torch.corrcoef(z.T)[0, 1]) - expected) < 0.02 and expected > 0.8
+    assert torch.allclose(z.mean(0), latents.mean(0), atol=0.1)
+    assert torch.allclose(z.std(0), latents.std(0), rtol=0.05)
+
+
+def test_unfitted_latent_prior_refuses_to_sample(make_cfg):
+    model = build_model(make_cfg(image_size=32, blocks=3, norm="group", latent="spatial", latent_prior="fitted"))
+    with pytest.raises(RuntimeError, match="has not been fitted"):
+        model.sample(2)
+
+
+def test_fitted_latent_prior_survives_save_and_load(tmp_path, make_images, make_cfg):
+    model = build_model(make_cfg(image_size=32, blocks=3, norm="group", latent="spatial", latent_prior="fitted"))
+    model.fit_latent_prior(make_images(40, 32))
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert bool(again.latent_prior.fitted)
+    assert torch.equal(model.sample(4, torch.Generator().manual_seed(0)),
+                       again.sample(4, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("latents,match", [(torch.zeros(1, 2), "N >= 2"), (torch.zeros(5, 3), "N >= 2"),
+                                           (torch.full((5, 2), float("nan")), "non-finite")])
+def test_latent_prior_fit_refuses_bad_latents(latents, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianLatentPrior(2).fit(latents)
+
+
+def test_latent_prior_is_a_vae_option():
+    with pytest.raises(ValueError, match="latent_prior"):
+        ModelConfig(family="vqvae", latent="spatial", latent_prior="fitted")
+    with pytest.raises(ValueError, match="latent_prior"):
+        ModelConfig(latent_prior="flow")
 
 
 def test_optimal_sigma_weights_pixels_by_the_batch_error(make_images):

@@ -51,6 +51,18 @@ def test_batchnorm_vae_is_calibrated_for_reconstruction_after_training(demo_stor
     assert bool(result.model.mean_path_calibrated)
 
 
+def test_vae_with_a_fitted_prior_fits_it_after_training_and_samples(demo_store):
+    model_cfg, train_cfg = build_configs("vae", {"model": {**SMALL, "latent": "spatial", "norm": "group",
+                                                           "latent_prior": "fitted"},
+                                                 "train": {**FAST, "epochs": 1, "grid_every": 1}})
+    result = train(model_cfg, train_cfg, demo_store, progress=False)
+    prior = result.model.latent_prior
+    assert bool(prior.fitted) and torch.isfinite(prior.scale_tril).all()
+    assert float(prior.mean.abs().sum()) > 0                                   # fitted, not the N(0, I) start
+    samples = result.model.sample(4, torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 1, 32, 32) and torch.isfinite(samples).all()
+
+
 def test_augmentation_flips_and_shifts_by_whole_pixels():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 1, 32, 32, generator=g)
