@@ -48,11 +48,13 @@ class ModelConfig:
     prior_layers: int = 4  # VQ-VAE code prior: transformer blocks
     sample_temperature: float = 1.0  # VQ-VAE sampling: prior logits divided by this (< 1 sharper, > 1 more varied)
     sample_top_k: int = 0  # VQ-VAE sampling: keep only the k most likely codes per position; 0 = all
+    sample_guidance: float = 1.0  # conditional VQ-VAE sampling: classifier-free guidance weight (>= 1; 1 = off)
+    sample_guidance_on: tuple[str, ...] = ()  # attributes guidance strengthens (a subset of conditions); () = all
     conditions: tuple[str, ...] = ()  # attributes to condition on (slice_pos, site, age, sex); () = unconditional
     condition_dim: int = 64  # VAE: width of the condition embedding fed to FiLM (VQ-VAE prior: prior_channels)
 
     def __post_init__(self) -> None:
-        for name in ("channels", "conditions"):  # JSON / YAML give lists; keep the dataclass hashable
+        for name in ("channels", "conditions", "sample_guidance_on"):  # JSON / YAML give lists; keep the dataclass hashable
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.conditions, str):  # a single attribute from --set model.conditions=site
@@ -60,6 +62,12 @@ class ModelConfig:
         if not isinstance(self.conditions, tuple) or not all(isinstance(c, str) for c in self.conditions):
             raise ValueError(f"conditions={self.conditions!r} must be a list of attribute names")
         check_names(self.conditions)
+        if isinstance(self.sample_guidance_on, str):
+            object.__setattr__(self, "sample_guidance_on", (self.sample_guidance_on,) if self.sample_guidance_on else ())
+        stray = [a for a in self.sample_guidance_on if a not in self.conditions]
+        if stray:
+            raise ValueError(f"sample_guidance_on={list(self.sample_guidance_on)!r}: {stray} not in conditions="
+                             f"{list(self.conditions)!r}")
         _check_int("grid", self.grid, minimum=0)
         _check_int("image_size", self.image_size, minimum=1)
         if self.grid:
@@ -98,6 +106,7 @@ class ModelConfig:
         _check_int("res_blocks", self.res_blocks, minimum=0)
         _check_int("sample_top_k", self.sample_top_k, minimum=0)
         _check_number("sample_temperature", self.sample_temperature, low=0.0, low_open=True)
+        _check_number("sample_guidance", self.sample_guidance, low=1.0)
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size={self.codebook_size} must be >= 2")
         if self.prior_channels % 16:

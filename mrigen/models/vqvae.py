@@ -209,5 +209,7 @@ class VQVAE(nn.Module):
         g = self.config.grid_size
         with eval_mode(self):
             codes = self.prior.sample(n, g, g, generator=generator, temperature=self.config.sample_temperature,
-                                      top_k=self.config.sample_top_k, attrs=attrs)
+                                      top_k=self.config.sample_top_k, attrs=attrs,
+                                      guidance=self.config.sample_guidance,
+                                      guidance_on=self.config.sample_guidance_on)
             return self.decode_indices(codes)
