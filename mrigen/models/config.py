@@ -37,8 +37,9 @@ class ModelConfig:
     res_blocks: int = 0  # residual blocks (norm-act-conv3x3 twice, plus skip) after each resolution change; 0 = thesis
     latent: str = "dense"  # "dense" vector (B, latent_dim) | "spatial" map (B, latent_dim, h, w); VQ-VAE: "spatial"
     latent_dim: int = 1024  # VAE only: dense latent size, or channels of the spatial latent map
-    latent_prior: str = "normal"  # VAE sampling: "normal" z ~ N(0, I) | "fitted" Gaussian fitted to the training
-    #                               posterior means after training (mrigen.models.latent_prior)
+    latent_prior: str = "normal"  # VAE sampling: "normal" z ~ N(0, I) | "fitted" Gaussian mixture fitted to the
+    #                               training posterior means after training (mrigen.models.latent_prior)
+    latent_prior_components: int = 32  # fitted prior: k-means components (fewer on small sets); 1 = one Gaussian
     codebook_size: int = 512  # VQ-VAE: number of codes K
     code_dim: int = 64  # VQ-VAE: channels of each code vector
     commitment: float = 0.25  # VQ-VAE: weight of the commitment term ||z_e - sg(q)||^2
@@ -81,7 +82,7 @@ class ModelConfig:
         _check_choice("latent_prior", self.latent_prior, LATENT_PRIORS)
         _check_choice("kernel_size", self.kernel_size, KERNEL_SIZES)
         for name in ("image_size", "blocks", "latent_dim", "codebook_size", "code_dim", "prior_channels",
-                     "prior_layers", "condition_dim"):
+                     "prior_layers", "condition_dim", "latent_prior_components"):
             _check_int(name, getattr(self, name), minimum=1)
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size={self.image_size!r} must be a power of two >= 16 (e.g. 64, 128, 256)")

@@ -6,8 +6,8 @@ statistics would wash the reconstruction out. `calibrate_reconstruction(images)`
 statistics on the mean path into a second set of buffers that `reconstruct` uses (sampling keeps the training
 statistics: z ~ N(0, I) has the variance of a sampled z). GroupNorm decoders need none of this.
 
-Sampling draws z from N(0, I), or with `cfg.latent_prior == "fitted"` from a Gaussian fitted to the training
-slices' posterior means once training ends (`fit_latent_prior`; see mrigen.models.latent_prior). Those z vary
+Sampling draws z from N(0, I), or with `cfg.latent_prior == "fitted"` from a Gaussian mixture fitted to the
+training slices' posterior means once training ends (`fit_latent_prior`; see mrigen.models.latent_prior). Those z vary
 like posterior means, so the fitted prior decodes with the mean-path statistics too.
 
 Conditioning (`cfg.conditions`): the attributes `(B, A)` (see mrigen.models.condition) become one vector that
@@ -50,7 +50,7 @@ class VAEOutput(NamedTuple):
 
 
 class VAE(nn.Module):
-    """Convolutional VAE with a N(0, I) prior (or, for sampling, a Gaussian fitted to its posterior means).
+    """Convolutional VAE with a N(0, I) prior (or, for sampling, a Gaussian mixture fitted to its posterior means).
 
     Args:
         cfg: architecture; `cfg.latent` picks a dense vector of `latent_dim` or a spatial map of `latent_dim`
@@ -76,7 +76,7 @@ class VAE(nn.Module):
             self.latent_shape = (d, g, g)
         self.latent_prior: GaussianLatentPrior | None = None
         if cfg.latent_prior == "fitted":
-            self.latent_prior = GaussianLatentPrior(math.prod(self.latent_shape))
+            self.latent_prior = GaussianLatentPrior(math.prod(self.latent_shape), cfg.latent_prior_components)
         # learned decoder scale of the sigma-VAE (train.sigma="learned"): log of the per-pixel std / Laplace scale
         self.log_sigma = nn.Parameter(torch.zeros(()))
         bns = self._decoder_batchnorms()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mrigen.models import CodePrior, ModelConfig, build_model, load_model, save_model
-from mrigen.models.latent_prior import SHRINKAGE, GaussianLatentPrior
+from mrigen.models.latent_prior import MIN_PER_COMPONENT, SHRINKAGE, GaussianLatentPrior
 from mrigen.models.adversarial import PatchDiscriminator, discriminator_loss, generator_loss
 from mrigen.models.losses import recon_nll, vae_loss
 from mrigen.models.prior import gumbel_noise
@@ -141,7 +141,8 @@ def _posterior_means(model, x):
 @pytest.mark.parametrize("norm,latent", [("group", "spatial"), ("batch", "dense")])
 def test_fitted_latent_prior_draws_with_the_posterior_means_moments(make_images, make_cfg, norm, latent):
     torch.manual_seed(0)
-    model = build_model(make_cfg(image_size=32, blocks=3, norm=norm, latent=latent, latent_prior="fitted"))
+    model = build_model(make_cfg(image_size=32, blocks=3, norm=norm, latent=latent, latent_prior="fitted",
+                                 latent_prior_components=1))
     x = make_images(200, 32) + 0.05 * torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     model.fit_latent_prior(x, batch_size=64)
     mu = _posterior_means(model, x)
@@ -166,6 +167,22 @@ def test_fitted_prior_keeps_correlations_that_a_standard_normal_loses():
     assert abs(float(torch.corrcoef(z.T)[0, 1]) - expected) < 0.02 and expected > 0.8
     assert torch.allclose(z.mean(0), latents.mean(0), atol=0.1)
     assert torch.allclose(z.std(0), latents.std(0), rtol=0.05)
+
+
+def test_mixture_prior_finds_the_clusters_and_their_shares():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 10.0]])
+    counts = [300, 200, 100]
+    latents = torch.cat([c + 0.5 * torch.randn(n, 3, generator=g) for c, n in zip(centres, counts)])
+    prior = GaussianLatentPrior(3, components=3)
+    assert prior.fit(latents) == 3
+    z = prior.draw(30_000, torch.Generator().manual_seed(1))
+    nearest = torch.cdist(z, centres).argmin(1)
+    shares = torch.bincount(nearest, minlength=3).float() / len(z)
+    assert torch.allclose(shares, torch.tensor(counts) / 600.0, atol=0.02)
+    for k in range(3):                                     # within-cluster spread is the pooled one, 0.5
+        assert torch.allclose((z[nearest == k] - centres[k]).std(0), torch.full((3,), 0.5), atol=0.05)
+    assert GaussianLatentPrior(3, components=3).fit(latents[: 2 * MIN_PER_COMPONENT]) == 2   # small set: fewer
 
 
 def test_unfitted_latent_prior_refuses_to_sample(make_cfg):
@@ -196,6 +213,8 @@ def test_latent_prior_is_a_vae_option():
         ModelConfig(family="vqvae", latent="spatial", latent_prior="fitted")
     with pytest.raises(ValueError, match="latent_prior"):
         ModelConfig(latent_prior="flow")
+    with pytest.raises(ValueError, match="latent_prior_components"):
+        ModelConfig(latent_prior="fitted", latent_prior_components=0)
 
 
 def test_optimal_sigma_weights_pixels_by_the_batch_error(make_images):
