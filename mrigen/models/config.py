@@ -55,7 +55,8 @@ class ModelConfig:
     condition_dim: int = 64  # VAE: width of the condition embedding fed to FiLM (VQ-VAE prior: prior_channels)
 
     def __post_init__(self) -> None:
-        for name in ("channels", "conditions", "sample_guidance_on"):  # JSON / YAML give lists; keep the dataclass hashable
+        # JSON / YAML give lists; keep the dataclass hashable
+        for name in ("channels", "conditions", "sample_guidance_on"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.conditions, str):  # a single attribute from --set model.conditions=site
@@ -64,7 +65,11 @@ class ModelConfig:
             raise ValueError(f"conditions={self.conditions!r} must be a list of attribute names")
         check_names(self.conditions)
         if isinstance(self.sample_guidance_on, str):
-            object.__setattr__(self, "sample_guidance_on", (self.sample_guidance_on,) if self.sample_guidance_on else ())
+            guided = (self.sample_guidance_on,) if self.sample_guidance_on else ()
+            object.__setattr__(self, "sample_guidance_on", guided)
+        guided = self.sample_guidance_on
+        if not isinstance(guided, tuple) or not all(isinstance(a, str) for a in guided):
+            raise ValueError(f"sample_guidance_on={self.sample_guidance_on!r} must be a list of attribute names")
         stray = [a for a in self.sample_guidance_on if a not in self.conditions]
         if stray:
             raise ValueError(f"sample_guidance_on={list(self.sample_guidance_on)!r}: {stray} not in conditions="

@@ -255,5 +255,7 @@ def test_guidance_attributes_must_be_conditions():
         ModelConfig(family="vqvae", latent="spatial", conditions=("site",), sample_guidance_on=("slice_pos",))
     with pytest.raises(ValueError, match="sample_guidance"):
         ModelConfig(family="vqvae", latent="spatial", conditions=("site",), sample_guidance=0.5)
+    with pytest.raises(ValueError, match="sample_guidance_on"):
+        ModelConfig(family="vqvae", latent="spatial", conditions=("site",), sample_guidance_on=3)
     assert ModelConfig(family="vqvae", latent="spatial", conditions=("site",),
                        sample_guidance_on=["site"]).sample_guidance_on == ("site",)
