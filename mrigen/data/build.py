@@ -39,7 +39,7 @@ def build_demo_store(work_dir: Path | str, subjects: int = DEMO_SUBJECTS, size: 
         work_dir: cache directory (created).
         subjects, seed, modality: the demo cohort (see ``make_demo_cohort``).
         size: output slice side (IngestConfig.size).
-        workers: ingest workers, 0 = all CPUs.
+        workers: cohort-writing threads and ingest workers, 0 = all CPUs.
         voxel_scale: demo voxel coarsening; None picks ``auto_voxel_scale(size)`` (4 for size 32: fast tests).
     """
     cfg = IngestConfig(modality=modality, size=size, seed=seed, workers=workers)
@@ -54,7 +54,7 @@ def build_demo_store(work_dir: Path | str, subjects: int = DEMO_SUBJECTS, size: 
         regenerated = not marker_path.is_file() or json.loads(marker_path.read_text()) != marker
         if regenerated:
             make_demo_cohort(cohort, subjects=subjects, seed=seed, modality=modality, voxel_scale=scale,
-                             progress=progress)
+                             progress=progress, workers=workers)
             marker_path.write_text(json.dumps(marker))
         if store_path.exists() and not regenerated:  # a store of an older cohort is rebuilt
             try:

@@ -12,6 +12,8 @@ Deterministic for a seed; a subject's anatomy and demographics do not depend on 
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,7 +252,7 @@ def _demographics_table(subjects: list[DemoSubject], seed: int) -> pd.DataFrame:
 
 
 def make_demo_cohort(out_dir: Path, subjects: int = 24, seed: int = 0, modality: str = "T1",
-                     voxel_scale: int = 1, progress: bool = True) -> list[Path]:
+                     voxel_scale: int = 1, progress: bool = True, workers: int = 0) -> list[Path]:
     """Write a generated IXI-like cohort and its ``IXI.csv`` demographics into ``out_dir``.
 
     Args:
@@ -259,6 +261,8 @@ def make_demo_cohort(out_dir: Path, subjects: int = 24, seed: int = 0, modality:
         seed: everything is deterministic for a seed.
         modality: "T1" (sagittal grid), "T2" or "PD" (axial grids).
         voxel_scale: 1 = IXI grid; k > 1 stores the same field of view with k-times coarser voxels (fast tests).
+        workers: threads writing volumes, 0 = one per CPU (SciPy's resampling and gzip release the GIL; every
+            subject has its own seeded generators, so the files do not depend on it).
 
     Returns:
         The volume paths, sorted by name.
@@ -269,11 +273,21 @@ def make_demo_cohort(out_dir: Path, subjects: int = 24, seed: int = 0, modality:
         raise ValueError(f"voxel_scale={voxel_scale!r} is invalid (allowed: integer 1-8)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers={workers!r} is invalid (allowed: integer >= 0, 0 = one per CPU)")
     cohort = demo_subjects(subjects, seed)
-    paths = []
-    for subject in tqdm(cohort, desc=f"demo {modality}", unit="subject", disable=not progress):
+
+    def write(subject: DemoSubject) -> Path:
         path = out_dir / ixi_name(subject.ixi_id, subject.site, subject.scan, modality)
         nib.save(_subject_volume(subject, modality, voxel_scale, seed), path)
-        paths.append(path)
+        return path
+
+    with tqdm(total=len(cohort), desc=f"demo {modality}", unit="subject", disable=not progress) as bar:
+        paths = [write(cohort[0])]              # loads the cached templates once, before the threads share them
+        bar.update()
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for path in pool.map(write, cohort[1:]):
+                paths.append(path)
+                bar.update()
     _demographics_table(cohort, seed).to_csv(out_dir / "IXI.csv", index=False)
     return sorted(paths)

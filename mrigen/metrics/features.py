@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mrigen import __version__
 from mrigen.config import config_from_dict
 
-from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade
+from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade, head_masks
 
 __all__ = ["FORMAT", "STEPS_ENV", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path", "default_config",
            "extract_features", "get_feature_net", "load_feature_net", "resize_square", "save_feature_net",
@@ -271,11 +271,13 @@ def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
     opt = torch.optim.Adam([*net.parameters(), *heads.parameters()], lr=cfg.lr)
     net.train()
     tail: list[dict[str, float]] = []
+    masks = tuple(torch.cat(parts) for parts in zip(*(head_masks(images[i:i + 512])
+                                                       for i in range(0, images.shape[0], 512))))
     bar = tqdm(range(cfg.steps), desc=f"feature net ({store.digest[:12]})", unit="step", leave=False,
                disable=None)                                  # None: no bar when stderr is not a terminal
     for step in bar:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
-        x, kind = degrade(images[idx], gen)                    # (B, 1, H, W), (B,) index into DEGRADATIONS
+        x, kind = degrade(images[idx], gen, tuple(m[idx] for m in masks))   # (B, 1, H, W), (B,) into DEGRADATIONS
         h = net(x)                                             # (B, feature_dim)
         out = torch.cat([heads(F.leaky_relu(h, 0.2)), net.degradation_logits(h)], 1)  # (B, 1 + n_sites + n_deg)
         pos_err = out[:, 0] - targets.pos[idx]

@@ -230,7 +230,8 @@ def _patches(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch
     return out
 
 
-def degrade(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def degrade(x: torch.Tensor, gen: torch.Generator,
+            masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one random degradation per image, uniformly over `DEGRADATIONS` ("clean" leaves it as is).
 
     Every random draw is made on the CPU with `gen`, so results do not depend on the device; each kind is
@@ -239,6 +240,8 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.
     Args:
         x: `(B, 1, H, W)` in [0, 1].
         gen: CPU generator driving every random choice (deterministic for a seed).
+        masks: `head_masks(x)` when the caller has them (a training loop drawing batches of fixed slices computes
+            them once); the result is the same.
 
     Returns:
         (degraded `(B, 1, H, W)` in [0, 1], kind `(B,)` int64 index into `DEGRADATIONS`) on x's device.
@@ -251,17 +254,20 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.
     for k, name in enumerate(DEGRADATIONS[1:], start=1):
         idx = (kind == k).nonzero().flatten()
         if len(idx):
-            out[idx.to(x.device)] = apply_degradation(name, x[idx.to(x.device)], gen)
+            i = idx.to(x.device)
+            out[i] = apply_degradation(name, x[i], gen, None if masks is None else tuple(m[i] for m in masks))
     return out.clamp(0.0, 1.0), kind.to(x.device)
 
 
-def apply_degradation(name: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def apply_degradation(name: str, x: torch.Tensor, gen: torch.Generator,
+                      masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One named degradation (an entry of `DEGRADATIONS`) with random strength per image, unclamped.
 
     Args:
         name: which degradation.
         x: `(B, 1, H, W)` float in [0, 1].
         gen: CPU generator for the random strengths and positions.
+        masks: `head_masks(x)`, computed here when None.
 
     Returns:
         `(B, 1, H, W)` on x's device (may leave [0, 1]: `degrade` clamps).
@@ -275,7 +281,7 @@ def apply_degradation(name: str, x: torch.Tensor, gen: torch.Generator) -> torch
         return _blur(x, _uniform(b, *BLUR_SIGMA, gen))
     if name == "noise":
         return x + (_uniform(b, *NOISE_STD, gen).reshape(b, 1, 1, 1) * torch.randn(x.shape, generator=gen)).to(x.device)
-    head, rim, interior = head_masks(x)
+    head, rim, interior = head_masks(x) if masks is None else masks
     if name == "blotch":
         return x + _blotches(x, interior, gen)
     if name == "rim":

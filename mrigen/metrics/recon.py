@@ -1,4 +1,7 @@
-"""Reconstruction metrics: SSIM, PSNR and MS-SSIM per image, then averaged (torchmetrics functional APIs).
+"""Reconstruction metrics: SSIM, PSNR and MS-SSIM per image, then averaged.
+
+SSIM and MS-SSIM are torchmetrics' definitions (Gaussian window, reflect padding, "relu" MS-SSIM), computed with a
+separable window by mrigen.models.ssim (tested equal to torchmetrics, about 2.5x faster); PSNR is torchmetrics'.
 
 All images are `(B, 1, H, W)` in `[0, 1]` (data range 1). Every metric is computed per image and the per-image
 values are averaged, so a batch of easy images cannot hide one bad reconstruction behind a pooled MSE.
@@ -7,11 +10,9 @@ values are averaged, so a batch of easy images cannot hide one bad reconstructio
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import (
-    multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from mrigen.models.ssim import SIGMA, WINDOW, gaussian_ms_ssim, gaussian_ssim
 
 __all__ = [
     "MS_SSIM_BETAS",
@@ -26,8 +27,8 @@ __all__ = [
     "ssim_per_image",
 ]
 
-SSIM_KERNEL_SIZE = 11        # Gaussian window of Wang et al. (2004), used at every scale
-SSIM_SIGMA = 1.5             # its standard deviation in pixels
+SSIM_KERNEL_SIZE = WINDOW    # Gaussian window of Wang et al. (2004), 11 px, used at every scale
+SSIM_SIGMA = SIGMA           # its standard deviation in pixels, 1.5
 PSNR_CAP_DB = 100.0          # per-image PSNR ceiling: identical images (MSE 0, PSNR inf) count as 100 dB
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)   # Wang et al. (2003) scale weights, finest first
 
@@ -81,10 +82,7 @@ def ssim_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         `(B,)` float32 in [-1, 1]; 1 for identical images.
     """
     _check_pair(preds, target)
-    return structural_similarity_index_measure(
-        preds.float(), target.float(), data_range=1.0, kernel_size=SSIM_KERNEL_SIZE, sigma=SSIM_SIGMA,
-        reduction="none",
-    )
+    return gaussian_ssim(preds.float(), target.float(), data_range=1.0)
 
 
 def psnr_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -122,10 +120,7 @@ def ms_ssim_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     betas = ms_ssim_betas(min(preds.shape[-2:]))
     if betas is None:
         raise ValueError(f"images of {tuple(preds.shape[-2:])} px are too small for MS-SSIM (need >= 22 px)")
-    return multiscale_structural_similarity_index_measure(
-        preds.float(), target.float(), data_range=1.0, kernel_size=SSIM_KERNEL_SIZE, sigma=SSIM_SIGMA,
-        betas=betas, normalize="relu", reduction="none",
-    )
+    return gaussian_ms_ssim(preds.float(), target.float(), betas, data_range=1.0)
 
 
 def image_metrics(preds: torch.Tensor, target: torch.Tensor, *, ms_ssim: bool = False) -> dict[str, torch.Tensor]:

@@ -88,9 +88,9 @@ def prepare(args: argparse.Namespace) -> TuneContext:
     if is_launcher:
         which = "full" if opts.full_budget else "demo"
         device = f"GPUs {list(gpus)}" if gpus else "CPU (no CUDA device found: running trials on the CPU)"
-        print(f"study {spec.name}: {which} budget, {budget.trials} trials x {budget.epochs} epochs at "
-              f"{budget.image_size}px on {device}\n  storage:  {redact_uri(storage)}\n  tracking: "
-              f"{redact_uri(tracking) if tracking else 'off (--no-tracking)'}", flush=True)
+        print(f"study {spec.name}: {which} budget, {budget.describe()} on {device}\n"
+              f"  storage:  {redact_uri(storage)}\n"
+              f"  tracking: {redact_uri(tracking) if tracking else 'off (--no-tracking)'}", flush=True)
     store = _store(args.data, work_dir, budget.image_size, announce=is_launcher)
     if store.image_size != budget.image_size:
         raise ValueError(f"--data {args.data}: store holds {store.image_size}px slices but the study budget "

@@ -139,8 +139,8 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         params = {p.name: p.suggest(trial) for p in self.spec.space}
-        layer: dict[str, dict[str, Any]] = {"model": {"image_size": self.budget.image_size},
-                                           "train": {"epochs": self.budget.epochs, "device": self.device}}
+        layer = self.budget.layer()             # image_size, epochs and the budget's `set` fields
+        layer["train"]["device"] = self.device
         for name, value in params.items():
             section, _, field_name = name.partition(".")
             layer[section][field_name] = value

@@ -65,6 +65,21 @@ class Budget:
     trials: int                            # trials in the study (all workers together)
     epochs: int                            # epochs per trial
     image_size: int                        # slice size the trials train on (and the store is ingested at)
+    overrides: tuple[tuple[str, Any], ...] = ()   # ("model.width", 0.5), ...: config fields this budget sets
+                                                  # over `base` (a search-space parameter still wins)
+
+    def layer(self) -> dict[str, dict[str, Any]]:
+        """`{model: {...}, train: {...}}`: image_size, epochs and the overrides, as a config layer."""
+        out: dict[str, dict[str, Any]] = {"model": {"image_size": self.image_size}, "train": {"epochs": self.epochs}}
+        for name, value in self.overrides:
+            section, _, field_name = name.partition(".")
+            out[section][field_name] = value
+        return out
+
+    def describe(self) -> str:
+        """"3 trials x 3 epochs at 64px (model.width=0.5)": for the run's header line."""
+        extra = ", ".join(f"{k}={v}" for k, v in self.overrides)
+        return f"{self.trials} trials x {self.epochs} epochs at {self.image_size}px" + (f" ({extra})" if extra else "")
 
 
 @dataclass(frozen=True)
@@ -148,12 +163,21 @@ def _fail(path: Path, key: str, msg: str) -> StudyFileError:
     return StudyFileError(f"{path}: {key}: {msg}")
 
 
-def _budget(path: Path, key: str, raw: Any, default: Budget) -> Budget:
+def _budget(path: Path, key: str, raw: Any, default: Budget, valid: dict[str, set[str]]) -> Budget:
     if raw is None:
         return default
-    if not isinstance(raw, dict) or set(raw) - {"trials", "epochs", "image_size"}:
-        raise _fail(path, key, "expected a mapping with trials, epochs, image_size")
-    b = Budget(**{**default.__dict__, **raw})
+    if not isinstance(raw, dict) or set(raw) - {"trials", "epochs", "image_size", "set"}:
+        raise _fail(path, key, "expected a mapping with trials, epochs, image_size and an optional 'set'")
+    sets = raw.get("set") or {}
+    if not isinstance(sets, dict):
+        raise _fail(path, f"{key}.set", "expected a mapping of config fields, e.g. {model.width: 0.5}")
+    for name in sets:
+        section, _, fname = str(name).partition(".")
+        if section not in valid or fname not in valid[section] or fname in ("image_size", "epochs"):
+            raise _fail(path, f"{key}.set.{name}", "not a config field this budget may set; use model.<field> or "
+                                                   "train.<field> (image_size and epochs are budget keys)")
+    b = Budget(**{**default.__dict__, **{k: v for k, v in raw.items() if k != "set"},
+                  "overrides": tuple((str(k), v) for k, v in sets.items())})
     for name in ("trials", "epochs"):
         v = getattr(b, name)
         if not isinstance(v, int) or v < 1:
@@ -380,8 +404,13 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
         raise _fail(path, "description", "a short description is required")
+    budgets = {key: _budget(path, key, doc.get(key), default, valid)
+               for key, default in (("budget", Budget(20, 30, 128)), ("demo_budget", Budget(3, 2, 32)))}
+    for key, b in budgets.items():
+        try:
+            build_configs(family, base, b.layer())
+        except (ValueError, TypeError) as exc:
+            raise _fail(path, f"{key}.set", str(exc)) from exc
     return StudySpec(name=path.stem, path=path, description=description.strip(), family=family, base=base,
                      space=space, objectives=objectives, pruner=pruner, promotion=promotion,
-                     budget=_budget(path, "budget", doc.get("budget"), Budget(20, 30, 128)),
-                     demo_budget=_budget(path, "demo_budget", doc.get("demo_budget"), Budget(3, 2, 32)),
-                     utility=utility)
+                     budget=budgets["budget"], demo_budget=budgets["demo_budget"], utility=utility)

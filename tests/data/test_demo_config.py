@@ -29,13 +29,23 @@ def test_demo_cohort_layout_and_determinism(demo_cohort_src, tmp_path):
     assert img.get_data_dtype() == np.int16 and nib.aff2axcodes(img.affine) == ("P", "S", "R")
     table = pd.read_csv(demo_cohort_src / "IXI.csv")
     assert tuple(table.columns) == DEMOGRAPHIC_COLUMNS and set(table.IXI_ID) == {p.ixi_id for p in parsed}
-    again = make_demo_cohort(tmp_path / "b", subjects=6, seed=3, voxel_scale=4, progress=False)
+    again = make_demo_cohort(tmp_path / "b", subjects=6, seed=3, voxel_scale=4, progress=False, workers=1)
     for a, b in zip(files, again):
         assert a.name == b.name
         np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
     other = make_demo_cohort(tmp_path / "c", subjects=1, seed=4, voxel_scale=4, progress=False)
     assert other[0].name not in {f.name for f in files} or not np.array_equal(
         np.asanyarray(nib.load(other[0]).dataobj), np.asanyarray(nib.load(files[0]).dataobj))
+
+
+def test_demo_cohort_threads_write_the_same_files_and_bad_workers_fail(demo_cohort_src, tmp_path):
+    """The fixture's cohort was written by one thread per CPU; three threads give the same voxels."""
+    threaded = make_demo_cohort(tmp_path / "t", subjects=6, seed=3, voxel_scale=4, progress=False, workers=3)
+    for a, b in zip(sorted(demo_cohort_src.glob("*.nii.gz")), threaded):
+        assert a.name == b.name
+        np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+    with pytest.raises(ValueError, match="workers=-1 is invalid"):
+        make_demo_cohort(tmp_path / "bad", subjects=1, voxel_scale=4, progress=False, workers=-1)
 
 
 def test_t2_is_axial_with_inverted_contrast(tmp_path):

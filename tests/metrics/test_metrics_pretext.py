@@ -29,6 +29,8 @@ def test_degrade_draws_every_kind_is_seeded_and_stays_in_range(store: SyntheticS
     out, kind = degrade(x, torch.Generator().manual_seed(0))
     again, kind_again = degrade(x, torch.Generator().manual_seed(0))
     assert torch.equal(out, again) and torch.equal(kind, kind_again)
+    given, kind_given = degrade(x, torch.Generator().manual_seed(0), head_masks(x))    # masks computed once
+    assert torch.equal(out, given) and torch.equal(kind, kind_given)
     assert set(kind.tolist()) == set(range(len(DEGRADATIONS)))
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
     clean = kind == 0

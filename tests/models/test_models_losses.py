@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
+                                           structural_similarity_index_measure)
 
-from mrigen.models.ssim import gaussian_ssim
+from mrigen.models.ssim import gaussian_ms_ssim, gaussian_ssim
 from mrigen.models import VAEOutput, VQOutput, active_units, build_model, kl_per_dim, recon_loss, vae_loss, vq_vae_loss
 
 
@@ -117,6 +118,26 @@ def test_separable_ssim_equals_torchmetrics_in_value_and_gradient(size):
     fast.sum().backward()
     reference.sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("size,betas", [(32, (0.3, 0.7)), (64, (0.1, 0.5, 0.4)), (128, (0.05, 0.3, 0.35, 0.3))])
+def test_separable_ms_ssim_equals_torchmetrics(size, betas):
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(8, 1, size, size, generator=g)
+    other = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    other[0] = x[0]                                                           # identical: 1
+    other[1] = torch.rand(x[1].shape, generator=g)                            # unrelated noise: near 0
+    other[2] = 1 - x[2]                                                       # anti-correlated: clipped to 0
+    fast = gaussian_ms_ssim(other, x, betas)
+    reference = multiscale_structural_similarity_index_measure(other, x, data_range=1.0, betas=betas,
+                                                               normalize="relu", reduction="none")
+    assert torch.allclose(fast, reference, atol=1e-5), (fast, reference)
+    assert float(fast[0]) == pytest.approx(1.0, abs=1e-5) and float(fast[2]) < 0.05
+
+
+def test_separable_ms_ssim_refuses_images_too_small_for_its_scales():
+    with pytest.raises(ValueError, match="scales need images larger than 40 px"):
+        gaussian_ms_ssim(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32), (0.3, 0.3, 0.4))
 
 
 def test_separable_ssim_refuses_mismatched_shapes():

@@ -28,7 +28,7 @@ def test_every_study_file_is_valid_and_every_choice_builds(name):
             for v in values:
                 v = int(v) if p.type == "int" else v
                 section, _, field = p.name.partition(".")
-                layer = {"model": {"image_size": budget.image_size}, "train": {}}
+                layer = budget.layer()
                 layer[section][field] = v
                 build_configs(spec.family, spec.base, layer)
 
@@ -54,6 +54,29 @@ def test_minimal_study_gets_defaults(tmp_path):
     assert (spec.pruner.type, spec.pruner.metric) == ("median", "val_ssim")
     assert spec.promotion == DEFAULT_RULE and (spec.promotion.metric, spec.promotion.direction) == (
         "val_fd_ratio", "minimize")
+
+
+def test_a_budget_may_set_config_fields_and_a_search_parameter_still_wins(tmp_path):
+    spec = load_study(write(tmp_path, GOOD + "demo_budget: {trials: 2, epochs: 3, image_size: 32, "
+                                             "set: {model.width: 0.5, train.lr: 1.0e-2}}\n"))
+    b = spec.demo_budget
+    assert (b.trials, b.epochs, b.overrides) == (2, 3, (("model.width", 0.5), ("train.lr", 1.0e-2)))
+    assert b.describe() == "2 trials x 3 epochs at 32px (model.width=0.5, train.lr=0.01)"
+    model_cfg, train_cfg = build_configs(spec.family, spec.base, b.layer(), {"train": {"lr": 1e-3}})
+    assert (model_cfg.width, model_cfg.image_size, train_cfg.epochs, train_cfg.lr) == (0.5, 32, 3, 1e-3)
+    assert spec.budget.overrides == () and "(" not in spec.budget.describe()
+
+
+@pytest.mark.parametrize("body,key", [
+    ("demo_budget: {trials: 1, set: {model.nope: 1}}", "demo_budget.set.model.nope"),
+    ("demo_budget: {trials: 1, set: {model.image_size: 64}}", "demo_budget.set.model.image_size"),
+    ("budget: {trials: 1, set: [model.width]}", "budget.set"),
+    ("demo_budget: {trials: 1, set: {model.width: -1}}", "demo_budget.set"),
+])
+def test_a_bad_budget_set_names_the_file_and_key(tmp_path, body, key):
+    with pytest.raises(StudyFileError) as err:
+        load_study(write(tmp_path, GOOD + body + "\n"))
+    assert "s.yaml" in str(err.value) and key in str(err.value) and "\n" not in str(err.value)
 
 
 def test_every_shipped_study_selects_for_generation():

@@ -146,6 +146,25 @@ def test_pruning_stops_a_bad_trial_early(tune_store, tmp_path, fake_eval, object
     assert run.info.status == "KILLED"
 
 
+def test_a_budget_set_field_reaches_every_trial_config(tune_store, tmp_path, fake_eval):
+    """`demo_budget.set` (the embedded preview trains half-width networks) is in each trial's logged config."""
+    from mrigen.tune.runner import TuneOptions, run_worker
+    from mrigen.tune.study import load_study
+
+    path = tmp_path / "narrow.yaml"
+    path.write_text(
+        "description: half-width preview\nfamily: vae\n"
+        "base: {model: {blocks: 3}, train: {batch_size: 16, grid_every: 0}}\n"
+        "search_space: {train.lr: {type: categorical, choices: [0.002]}}\n"
+        "demo_budget: {trials: 1, epochs: 1, image_size: 32, set: {model.width: 0.5}}\n")
+    spec = load_study(path)
+    opts = TuneOptions(study=str(path), storage=f"sqlite:///{tmp_path}/o.db",
+                       tracking_uri=f"sqlite:///{tmp_path}/m.db", work_dir=tmp_path)
+    (trial,) = run_worker(spec, opts, tune_store, parent_run_id=None).trials
+    params = MlflowClient(opts.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"]).data.params
+    assert (params["model.width"], params["model.image_size"], params["train.epochs"]) == ("0.5", "32", "1")
+
+
 MULTI_STUDY = """
 description: tiny multi-objective study for tests
 family: vae
