@@ -7,13 +7,15 @@ weights: the discriminator trains from scratch with the autoencoder (`TrainConfi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mrigen.models.blocks import make_norm
 
-__all__ = ["ADV_LOSSES", "PatchDiscriminator", "discriminator_loss", "generator_loss"]
+__all__ = ["ADV_LOSSES", "PatchDiscriminator", "adaptive_weight", "discriminator_loss", "generator_loss"]
 
 ADV_LOSSES = ("hinge", "lsgan")
 
@@ -77,3 +79,29 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tens
     _check(kind)
     fake_logits = fake_logits.float()
     return -fake_logits.mean() if kind == "hinge" else (fake_logits - 1.0).square().mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = math.inf) -> torch.Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021): ||d rec_loss / d W|| / (||d adv_loss / d W|| + 1e-4), W the
+    decoder's last layer, detached and clamped to [0, max_weight].
+
+    VQGAN clamps at 1e4 for mean-reduced losses; mrigen's are summed over pixels and scaled by the decoder
+    calibration, so the default leaves it unclamped. The epsilon already bounds the adversarial gradient at W by
+    the reconstruction's, even when the discriminator's gradient vanishes.
+
+    Times this weight, the adversarial term pulls on the decoder's output as hard as the reconstruction term does,
+    whatever scale the reconstruction loss has (a sigma-VAE's summed, 1 / (2 sigma^2)-scaled error grows a
+    thousandfold as sigma shrinks). A fixed weight cannot do that: it let the discriminator overrule the
+    reconstruction once the error got small, and the autoencoder collapsed (bench/RESULTS.md).
+
+    Args:
+        rec_loss, adv_loss: scalar losses whose graphs reach `last_layer` (both are kept for the backward pass).
+        last_layer: the weight of the decoder's final layer.
+
+    Returns:
+        A 0-dim tensor without grad.
+    """
+    g_rec, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    g_adv, = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()

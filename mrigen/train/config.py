@@ -34,7 +34,8 @@ class TrainConfig:
     free_bits: float = 0.0           # nats per latent dimension not penalised (prevents posterior collapse)
     sigma: str = "fixed"             # VAE decoder scale: "fixed" (plain sum of errors, the thesis), "optimal" (batch
                                      # RMS error: sigma-VAE) or "learned" (the model's log_sigma)
-    adv_weight: float = 0.0          # patch-adversarial term weight (per pixel, like one pixel error); 0 = off
+    adv_weight: float = 0.0          # patch-adversarial term: its pull on the decoder's last layer relative to the
+                                     # reconstruction's (VQGAN adaptive weight); 0 = off
     adv_loss: str = "hinge"          # adversarial loss: "hinge" or "lsgan" (least squares)
     adv_start_epoch: int = 0         # epochs of plain autoencoder training before the discriminator joins (warm-up)
     disc_lr: float = 2e-4            # discriminator learning rate (Adam, betas 0.5 / 0.9)
@@ -44,6 +45,9 @@ class TrainConfig:
                                      # weights; 0 = train all epochs
     condition_dropout: float = 0.1   # conditional models: chance that each attribute of a training row is hidden
                                      # (trains the "unknown" embedding, used for missing values)
+    condition_dropout_all: float = 0.0   # conditional models: chance that a training row hides all its attributes at
+                                         # once (trains the fully unconditional branch that guidance on several
+                                         # attributes compares against)
     prior_steps: int = 2000          # VQ-VAE only: optimiser steps of the code prior after the autoencoder
     prior_lr: float = 1e-3           # VQ-VAE only: prior learning rate (cosine decay to 10% over prior_steps)
     prior_batch_size: int = 64       # VQ-VAE only: code grids per prior step
@@ -69,8 +73,9 @@ class TrainConfig:
         for name in ("lr", "prior_lr", "disc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be > 0")
-        if not 0 <= self.condition_dropout < 1:
-            raise ValueError(f"TrainConfig.condition_dropout={self.condition_dropout!r} must be in [0, 1)")
+        for name in ("condition_dropout", "condition_dropout_all"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
         if self.recon not in _RECON:
             raise ValueError(f"TrainConfig.recon={self.recon!r} is not one of {_RECON}")
         if self.amp not in _AMP:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mrigen.device import pick_device
 from mrigen.models import ModelConfig, build_model, save_model
-from mrigen.models.adversarial import PatchDiscriminator, discriminator_loss, generator_loss
+from mrigen.models.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from mrigen.models.losses import active_units, vae_loss, vq_vae_loss
 from mrigen.train.config import TrainConfig
 from mrigen.train.hooks import Hook, StopTraining, TrainContext
@@ -72,14 +72,22 @@ class _Step:
         amp = tcfg.amp == "bf16" or (tcfg.amp == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         self.channels_last = tcfg.channels_last and device.type == "cuda"
+        self.last_layer = None
+        if disc is not None:                     # the adaptive adversarial weight compares gradients here
+            convs = [p for n, p in model.named_parameters() if n.startswith("decoder.") and p.dim() == 4]
+            if not convs:
+                raise ValueError("train.adv_weight > 0 needs a model whose decoder ends in a convolution")
+            self.last_layer = convs[-1]
 
     def __call__(self, x: torch.Tensor, kl_weight: float, adversarial: bool = False,
                  attrs: torch.Tensor | None = None):
         """x: (B, 1, H, W) in [0, 1] (attrs: (B, A) for a conditional VAE) -> (LossTerms, model output in fp32,
         generator adversarial loss or None).
 
-        With `adversarial` (and a discriminator), terms.total includes adv_weight * H * W * pixel_weight * the
-        generator's adversarial loss: the term weighs like one pixel error, whatever the decoder calibration."""
+        With `adversarial` (and a discriminator), terms.total includes adv_weight * lambda * the generator's
+        adversarial loss, lambda VQGAN's adaptive weight (mrigen.models.adversarial.adaptive_weight): at the
+        decoder's last layer the adversarial gradient is adv_weight times the reconstruction loss's, whatever the
+        decoder calibration."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -97,7 +105,7 @@ class _Step:
             with self.autocast():
                 g_adv = generator_loss(self.disc(out.recon), t.adv_loss)
             self.disc.requires_grad_(True)
-            weight = t.adv_weight * x[0].numel() * terms.pixel_weight
+            weight = t.adv_weight * adaptive_weight(terms.total, g_adv, self.last_layer)
             terms = terms._replace(total=terms.total + weight * g_adv)
         return terms, out, g_adv
 
@@ -330,7 +338,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                 a = None
                 if ae_attrs is not None:
                     a = drop_conditions(ae_attrs[perm[b * train_cfg.batch_size:(b + 1) * train_cfg.batch_size]],
-                                        train_cfg.condition_dropout, gen)
+                                        train_cfg.condition_dropout, gen, train_cfg.condition_dropout_all)
                 terms, out, g_adv = step(x, kl_weight, adversarial, attrs=a)
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()

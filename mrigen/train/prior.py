@@ -27,11 +27,14 @@ class PriorResult(NamedTuple):
     val_nll: float | None
 
 
-def drop_conditions(attrs: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Hide each attribute of each row (set it to NaN = unknown) with chance p: `(B, A)` -> `(B, A)`."""
-    if p <= 0:
+def drop_conditions(attrs: torch.Tensor, p: float, gen: torch.Generator, p_all: float = 0.0) -> torch.Tensor:
+    """Hide each attribute of each row (set it to NaN = unknown) with chance p, and every attribute of a row with
+    chance p_all: `(B, A)` -> `(B, A)`. With p_all = 0 the draws are those of per-attribute dropout alone."""
+    if p <= 0 and p_all <= 0:
         return attrs
     hide = torch.rand(attrs.shape, device=attrs.device, generator=gen) < p
+    if p_all > 0:
+        hide |= (torch.rand(attrs.shape[0], device=attrs.device, generator=gen) < p_all)[:, None]
     return attrs.masked_fill(hide, float("nan"))
 
 
@@ -76,7 +79,7 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
             (an NLL far above the training one means the prior memorised the training grids).
         train_attrs, val_attrs: encoded attributes (N, A) / (M, A) of a conditional prior (see
             mrigen.models.condition); each training row's attributes are hidden with chance
-            `cfg.condition_dropout`.
+            `cfg.condition_dropout` each, and all at once with chance `cfg.condition_dropout_all`.
     """
     if cfg.prior_steps < 1:
         raise ValueError(f"prior_steps={cfg.prior_steps} must be >= 1 to train a prior")
@@ -95,7 +98,8 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
     bar = tqdm(range(cfg.prior_steps), desc="train code prior", unit="step", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(codes), (batch,), device=device, generator=gen)
-        attrs = None if train_attrs is None else drop_conditions(train_attrs[idx], cfg.condition_dropout, gen)
+        attrs = None if train_attrs is None else drop_conditions(train_attrs[idx], cfg.condition_dropout, gen,
+                                                                 cfg.condition_dropout_all)
         loss = prior.loss(codes[idx], attrs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

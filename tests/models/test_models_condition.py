@@ -259,3 +259,21 @@ def test_guidance_attributes_must_be_conditions():
         ModelConfig(family="vqvae", latent="spatial", conditions=("site",), sample_guidance_on=3)
     assert ModelConfig(family="vqvae", latent="spatial", conditions=("site",),
                        sample_guidance_on=["site"]).sample_guidance_on == ("site",)
+
+
+def test_condition_dropout_hides_attributes_one_by_one_and_whole_rows_at_once():
+    from mrigen.train.config import TrainConfig
+    from mrigen.train.prior import drop_conditions
+
+    attrs = torch.arange(20000 * 4, dtype=torch.float32).reshape(20000, 4)
+    each = drop_conditions(attrs, 0.2, torch.Generator().manual_seed(0))
+    hidden = torch.isnan(each)
+    assert abs(float(hidden.float().mean()) - 0.2) < 0.01
+    assert abs(float(hidden.all(1).float().mean()) - 0.2 ** 4) < 0.001              # all four: rare
+    joint = torch.isnan(drop_conditions(attrs, 0.2, torch.Generator().manual_seed(0), p_all=0.3))
+    assert bool((joint | ~hidden).all())                     # the same per-attribute draws, plus whole rows
+    assert abs(float(joint.all(1).float().mean()) - (0.3 + 0.7 * 0.2 ** 4)) < 0.015
+    assert torch.equal(drop_conditions(attrs, 0.0, torch.Generator()), attrs)
+    with pytest.raises(ValueError, match="condition_dropout_all=1.0 must be in"):
+        TrainConfig(condition_dropout_all=1.0)
+

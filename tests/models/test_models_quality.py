@@ -11,7 +11,7 @@ import torch
 
 from mrigen.models import CodePrior, ModelConfig, build_model, load_model, save_model
 from mrigen.models.latent_prior import MIN_PER_COMPONENT, SHRINKAGE, GaussianLatentPrior
-from mrigen.models.adversarial import PatchDiscriminator, discriminator_loss, generator_loss
+from mrigen.models.adversarial import adaptive_weight, PatchDiscriminator, discriminator_loss, generator_loss
 from mrigen.models.losses import recon_nll, vae_loss
 from mrigen.models.prior import gumbel_noise
 
@@ -268,6 +268,29 @@ def test_adversarial_losses_at_zero_logits():
     assert float(generator_loss(zero, "hinge")) == 0.0 and float(generator_loss(zero, "lsgan")) == 1.0
     with pytest.raises(ValueError, match="adv_loss"):
         generator_loss(zero, "wgan")
+
+
+def test_adaptive_weight_balances_the_gradients_whatever_the_reconstruction_scale():
+    """lambda * adversarial pulls on the last layer as hard as the reconstruction does, and scales with it: the
+    fixed weight it replaced let a sigma-VAE's discriminator overrule a 1000x smaller-scaled reconstruction."""
+    torch.manual_seed(0)
+    last = torch.nn.Conv2d(4, 1, 3, padding=1)
+    disc = PatchDiscriminator(16, channels=8)
+    h, x = torch.randn(2, 4, 16, 16), torch.rand(2, 1, 16, 16)
+
+    def losses(scale):
+        recon = torch.sigmoid(last(h))
+        return scale * (recon - x).square().sum(), generator_loss(disc(recon))
+
+    rec, adv = losses(1.0)
+    lam = adaptive_weight(rec, adv, last.weight)
+    g_rec, = torch.autograd.grad(rec, last.weight, retain_graph=True)
+    g_adv, = torch.autograd.grad(lam * adv, last.weight)
+    assert not lam.requires_grad and float(g_adv.norm()) == pytest.approx(float(g_rec.norm()), rel=1e-3)
+    rec_big, adv_again = losses(1000.0)
+    assert float(adaptive_weight(rec_big, adv_again, last.weight)) == pytest.approx(1000 * float(lam), rel=1e-3)
+    rec_huge, adv_huge = losses(1e9)
+    assert float(adaptive_weight(rec_huge, adv_huge, last.weight, max_weight=50.0)) == 50.0
 
 
 def test_grid_sets_the_number_of_blocks_for_any_image_size():
