@@ -145,7 +145,7 @@ class CodePrior(nn.Module):
                 logits alone (one pass); w > 1 follows those attributes more closely, at twice the cost per step.
             guidance_on: the attributes guidance strengthens (names from the prior's conditions); () = all.
                 Condition dropout hides each attribute on its own, so guiding one attribute is what training
-                prepared for; hiding all at once was rarely seen (measured: fidelity got worse).
+                prepared for; hiding all at once is rarely seen unless `TrainConfig.condition_dropout_all` > 0.
 
         Returns:
             (n, h, w) int64 indices in [0, K) on the prior's device.
