@@ -410,7 +410,7 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
         try:
             build_configs(family, base, b.layer())
         except (ValueError, TypeError) as exc:
-            raise _fail(path, f"{key}.set", str(exc)) from exc
+            raise _fail(path, f"{key}.set" if b.overrides else key, str(exc)) from exc
     return StudySpec(name=path.stem, path=path, description=description.strip(), family=family, base=base,
                      space=space, objectives=objectives, pruner=pruner, promotion=promotion,
                      budget=budgets["budget"], demo_budget=budgets["demo_budget"], utility=utility)

@@ -72,6 +72,7 @@ def test_a_budget_may_set_config_fields_and_a_search_parameter_still_wins(tmp_pa
     ("demo_budget: {trials: 1, set: {model.image_size: 64}}", "demo_budget.set.model.image_size"),
     ("budget: {trials: 1, set: [model.width]}", "budget.set"),
     ("demo_budget: {trials: 1, set: {model.width: -1}}", "demo_budget.set"),
+    ("base: {model: {latent: spatial, grid: 16}}\ndemo_budget: {trials: 1, image_size: 16}", "demo_budget: grid"),
 ])
 def test_a_bad_budget_set_names_the_file_and_key(tmp_path, body, key):
     with pytest.raises(StudyFileError) as err:
