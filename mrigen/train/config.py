@@ -26,7 +26,7 @@ class TrainConfig:
     seed: int = 0                    # seeds weights, batch order and sampling noise (recorded)
     device: str = "auto"             # "auto" = CUDA if present else CPU; or "cpu", "cuda", "cuda:N"
     amp: str = "auto"                # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16" forces; "off" disables
-    channels_last: bool = True       # NHWC memory format on CUDA (faster convolutions); ignored on CPU
+    channels_last: bool = True       # NHWC memory format (faster convolutions on CUDA and on the CPU)
     recon: str = "mse"               # reconstruction term, summed per image: "mse" (Gaussian) or "l1" (Laplace)
     ssim_weight: float = 0.0         # extra (1 - SSIM) term per image, weighted; 0 = off
     beta: float = 1.0                # weight of the KL term (beta-VAE); 1 = the ELBO
