@@ -14,6 +14,8 @@ only the final full evaluation is off (it is a one-off, not per-epoch work). Thr
 
     python bench/train_throughput.py --device cpu --size 64 --batch 64 --n 2048 --epochs 2
     python bench/train_throughput.py --device cuda --size 128 --batch 256 --family vae --n 16384 --epochs 5
+    python bench/train_throughput.py --device cpu --config experiments/configs/vqvae-recommended.yaml --batch 16 \
+        --n 1024 [--contiguous]           # a recipe's model; --contiguous: NCHW instead of channels_last
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mrigen.device import pick_device
 from mrigen.models import ModelConfig, build_model
 from mrigen.models.losses import vae_loss, vq_vae_loss
 from mrigen.train import Hook, LocalLogger, TrainConfig, train
-from mrigen.train.configs import build_configs
+from mrigen.train.configs import build_configs, load_config_file
 
 
 class ResidentStore:
@@ -57,7 +59,7 @@ def bare_loop(model_cfg: ModelConfig, tcfg: TrainConfig, x: torch.Tensor, epochs
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device)
     cuda = device.type == "cuda"
-    if cuda and tcfg.channels_last:
+    if tcfg.channels_last:                              # as mrigen: NHWC on CUDA and on the CPU
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, **({"fused": True} if cuda else {}))
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and tcfg.amp != "off" else contextlib.nullcontext
@@ -67,15 +69,16 @@ def bare_loop(model_cfg: ModelConfig, tcfg: TrainConfig, x: torch.Tensor, epochs
         perm = torch.randperm(len(x), device=device)
         for b in range(nb):
             xb = x[perm[b * tcfg.batch_size:(b + 1) * tcfg.batch_size]].float()
-            if cuda and tcfg.channels_last:
+            if tcfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with amp():
                 out = model(xb)
             out = type(out)(*(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in out))
-            if model_cfg.family == "vae":
-                loss = vae_loss(out, xb, recon="mse", beta=1.0, kl_weight=1.0, free_bits=0.0, ssim_weight=0.0).total
+            if model_cfg.family == "vae":                # the run config's loss, as mrigen computes it
+                loss = vae_loss(out, xb, recon=tcfg.recon, beta=tcfg.beta, kl_weight=1.0, free_bits=tcfg.free_bits,
+                                ssim_weight=tcfg.ssim_weight, sigma=tcfg.sigma, log_sigma=model.log_sigma).total
             else:
-                loss = vq_vae_loss(out, xb, recon="mse", ssim_weight=0.0).total
+                loss = vq_vae_loss(out, xb, recon=tcfg.recon, ssim_weight=tcfg.ssim_weight).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -136,18 +139,29 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2048, help="training images")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--json", type=Path, help="append the result as one JSON line to this file")
+    p.add_argument("--config", type=Path, help="take the model (and loss settings) of this run config, e.g. "
+                                               "experiments/configs/vae-recommended.yaml; default: thesis ladder")
+    p.add_argument("--contiguous", action="store_true", help="NCHW tensors instead of channels_last (both loops)")
     args = p.parse_args()
     device = pick_device(args.device)
-    blocks = 5 if args.family == "vae" else 3
-    model_cfg, _ = build_configs(args.family, {"model": {"image_size": args.size, "blocks": blocks}})
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device=str(device), final_eval=False,
-                       prior_steps=0, grid_every=0)
+    if args.config:
+        layer = load_config_file(args.config)
+        family = layer["model"].get("family", args.family)
+        model_cfg, file_tcfg = build_configs(family, layer, {"model": {"image_size": args.size}})
+    else:
+        family = args.family
+        model_cfg, file_tcfg = build_configs(family, {"model": {"image_size": args.size,
+                                                                "blocks": 5 if family == "vae" else 3}})
+    tcfg = TrainConfig(**{**file_tcfg.__dict__, "epochs": args.epochs, "batch_size": args.batch,
+                          "device": str(device), "final_eval": False, "prior_steps": 0, "grid_every": 0,
+                          "early_stop_patience": 0, "channels_last": not args.contiguous})
     store = ResidentStore(args.n, args.size)
     bare = bare_loop(model_cfg, tcfg, store.tensor("train", device, torch.float16 if device.type == "cuda"
                                                    else torch.float32), args.epochs)
     ours = mrigen_loop(model_cfg, tcfg, store, args.epochs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    row = {"device": name, "family": args.family, "size": args.size, "batch": args.batch, "n": args.n,
+    row = {"device": name, "family": family, "config": str(args.config or "thesis"),
+           "layout": "contiguous" if args.contiguous else "channels_last", "size": args.size, "batch": args.batch, "n": args.n,
            "epochs": args.epochs, "bare_img_s": round(bare), "mrigen_img_s": round(ours["whole_img_s"]),
            "ratio": round(ours["whole_img_s"] / bare, 3),
            "epoch_wall_ratio": round(ours["epoch_wall_img_s"] / bare, 3),
