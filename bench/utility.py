@@ -119,19 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n\n".join(tables))
     print()
-    print("| task | metric | real only | real + N synth | synthetic only | real + classic | chance | verdict | TSTR ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| task | metric | real only | real + N synth | synthetic only | real + classic | chance | verdict | "
+          "per seed (paired) | TSTR ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for task, s in rows.items():
         print(f"| {task} | {s['metric']} | {s['real']:.4f} +- {s['real_std']:.4f} | {s['real_synthetic']:.4f} +- "
               f"{s['real_synthetic_std']:.4f} (N={s['n_synthetic']}) | {s['synthetic']:.4f} +- {s['synthetic_std']:.4f} "
               f"| {s['classic']:.4f} +- {s['classic_std']:.4f} | {s['chance']:.4f} | {s['verdict']} | "
+              f"{s['gain']:+.4f} +- {s['gain_paired_std']:.4f}, better in {s['seeds_better']}/{s['seeds']} | "
               f"{s['tstr_ratio']:.3f} |")
     print()
     for task in TARGET_TASKS:
         if task in rows:
             s = rows[task]
             print(f"target {task}: real + synthetic beats real only by more than the seed spread: "
-                  + ("met" if s["verdict"] == "gain" else f"MISSED ({s['verdict']}, gain {s['gain']:+.4f})"))
+                  + ("met" if s["verdict"] == "gain" else f"MISSED ({s['verdict']}, gain {s['gain']:+.4f})")
+                  + f"; better in {s['seeds_better']} of {s['seeds']} seeds")
             print(f"target {task}: TSTR >= {TSTR_TARGET:.0%} of real only: "
                   + ("met" if s["tstr_ratio"] >= TSTR_TARGET else f"MISSED ({s['tstr_ratio']:.3f})"))
     total = time.perf_counter() - t0

@@ -8,9 +8,9 @@ classic augmentation. docs/UTILITY.md explains the protocol and how to read the 
 """
 
 from .config import UtilityConfig
-from .report import learnable, plot, summary, table, tstr_ratio, verdict
+from .report import Paired, learnable, paired, plot, summary, table, tstr_ratio, verdict
 from .runner import ArmResult, UtilityResult, run_utility
 from .tasks import TASKS, Task, get_task
 
-__all__ = ["TASKS", "ArmResult", "Task", "UtilityConfig", "UtilityResult", "get_task", "learnable", "plot",
-           "run_utility", "summary", "table", "tstr_ratio", "verdict"]
+__all__ = ["TASKS", "ArmResult", "Paired", "Task", "UtilityConfig", "UtilityResult", "get_task", "learnable", "paired",
+           "plot", "run_utility", "summary", "table", "tstr_ratio", "verdict"]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import UtilityConfig
-from .tasks import TASKS
+from .tasks import TASKS, get_task
 
 __all__ = ["main"]
 
@@ -28,7 +28,7 @@ run (table, JSON, plot of score vs synthetic count) and, for models:/, tags on t
 `python -m mrigen.registry show NAME` prints.
 
 examples:
-  python -m mrigen.utility --model models:/mrigen-vqvae@champion --task site
+  python -m mrigen.utility --model models:/mrigen-vqvae@champion --task site --task slice_pos
   python -m mrigen.utility --model models:/mrigen-vqvae/3 --task slice_pos --real-fraction 0.1 --seeds 5 \\
       --synthetic 250,1000,4000 --data mrigen-work/ixi-store
   python -m mrigen.utility --model out/model --task age --data STORE --out utility/   # a local model dir
@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a local model directory")
-    p.add_argument("--task", required=True, help=f"what the downstream CNN predicts: {', '.join(TASKS)} "
-                                                 "(age / sex only where the store carries them)")
+    p.add_argument("--task", required=True, action="append",
+                   help=f"what the downstream CNN predicts: {', '.join(TASKS)} (age / sex only where the store "
+                        f"carries them); repeat for several tasks, run in turn on the same synthetic model")
     p.add_argument("--data", type=Path, help="slice store the model was trained on (default: the demo cohort at "
                                              "the model's image size under --work-dir)")
     p.add_argument("--real-fraction", type=float, default=d.real_fraction,
@@ -82,27 +83,25 @@ def main(argv: list[str] | None = None) -> int:
 
     p = _parser()
     args = p.parse_args(argv)
-    if args.task not in TASKS:
-        p.error(f"unknown task {args.task!r} (allowed: {', '.join(TASKS)})")
+    tasks = list(dict.fromkeys(args.task))          # in order, once each
+    for task in tasks:
+        if task not in TASKS:
+            p.error(f"unknown task {task!r} (allowed: {', '.join(TASKS)})")
     try:
-        cfg = UtilityConfig(task=args.task, real_fraction=args.real_fraction, seeds=args.seeds,
-                            synthetic=args.synthetic, steps=args.steps, seed=args.seed)
+        cfgs = [UtilityConfig(task=task, real_fraction=args.real_fraction, seeds=args.seeds,
+                              synthetic=args.synthetic, steps=args.steps, seed=args.seed) for task in tasks]
     except ValueError as exc:
         p.error(str(exc))
     try:
-        return _run(args, cfg)
+        return _run(args, cfgs)
     except (TrackingError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"mrigen.utility: error: {error_line(exc)}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace, cfg: UtilityConfig) -> int:
+def _run(args: argparse.Namespace, cfgs: list[UtilityConfig]) -> int:
     from mrigen.data import SliceStore, StoreError, build_demo_store
     from mrigen.generate import resolve_model
-
-    from .report import plot, summary, table
-    from .runner import run_utility
-    from .tracking import log_utility
 
     if args.data is not None:
         try:
@@ -115,9 +114,24 @@ def _run(args: argparse.Namespace, cfg: UtilityConfig) -> int:
         size = int(getattr(getattr(model, "cfg", None) or getattr(model, "config", None), "image_size"))
         store = build_demo_store(args.work_dir / f"demo-{size}", size=size, progress=not args.quiet)
         print(f"data: the demo cohort at {size} px ({store.path}); pass --data STORE for another", file=sys.stderr)
+    for cfg in cfgs:                                # a task the store cannot serve fails before any training
+        get_task(cfg.task, store.slices("train"), f"store {store.path}")
     device = next(model.parameters()).device
-    result = run_utility(model, store, cfg, device=device, progress=not args.quiet)
     where = f"{resolved.name} v{resolved.version}" if resolved.name else resolved.uri
+    for i, cfg in enumerate(cfgs):
+        if i:
+            print()
+        _task(args, cfg, model, store, device, resolved, where)
+    return 0
+
+
+def _task(args: argparse.Namespace, cfg: UtilityConfig, model, store, device, resolved, where: str) -> None:
+    """One task: run the protocol, print its table, write --out files, log to MLflow unless --no-log."""
+    from .report import plot, summary, table
+    from .runner import run_utility
+    from .tracking import log_utility
+
+    result = run_utility(model, store, cfg, device=device, progress=not args.quiet)
     print(table(result, where))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -125,17 +139,16 @@ def _run(args: argparse.Namespace, cfg: UtilityConfig) -> int:
         (args.out / f"utility_{cfg.task}.json").write_text(json.dumps(result.to_dict(), indent=1))
         plot(result, args.out / f"utility_{cfg.task}.png")
     if args.no_log:
-        return 0
+        return
     if resolved.run_id is None:
         print("not logged to MLflow: a local model directory has no training run to nest under", file=sys.stderr)
-        return 0
+        return
     rid = log_utility(result, parent_run_id=resolved.run_id, model_name=resolved.name,
                       model_version=resolved.version, tracking_uri=args.tracking_uri, model_uri=resolved.uri)
     s = summary(result)
     print(f"logged run {rid} (nested under {resolved.run_id})"
           + (f"; tagged {resolved.name} v{resolved.version}: utility.{cfg.task} verdict={s['verdict']}"
              if resolved.name else ""))
-    return 0
 
 
 if __name__ == "__main__":

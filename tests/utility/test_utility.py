@@ -8,7 +8,7 @@ import torch
 from conftest import ConditionalFake, CopyModel, NoiseModel, tiny_cfg
 
 import mrigen.utility.runner as runner
-from mrigen.utility import UtilityConfig, get_task, run_utility, summary, table, verdict
+from mrigen.utility import UtilityConfig, get_task, paired, run_utility, summary, table, verdict
 from mrigen.utility.arms import classic_augment, real_subset
 from mrigen.utility.cnn import fit_and_predict
 
@@ -141,3 +141,24 @@ def test_classic_augment_keeps_range_and_shape():
     y = classic_augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1 and not torch.equal(x, y)
     assert torch.equal(y, classic_augment(x, torch.Generator().manual_seed(0)))
+
+
+def test_paired_column_compares_seed_by_seed_and_leaves_the_verdict_alone(noise_result):
+    import copy
+
+    r = copy.deepcopy(noise_result)
+    r.arms = [a for a in r.arms if a.arm in ("real", "real+synthetic", "synthetic", "real+classic")]
+    real, rs = r.arm("real"), r.arm("real+synthetic", 90)
+    real.scores = [0.20, 0.17]                    # MAE: lower is better; the seeds differ in difficulty
+    rs.scores = [0.18, 0.16]                      # better by 0.02 and 0.01 in each seed
+    pair = paired(r, rs)
+    assert pair.wins == 2 and pair.seeds == 2
+    assert pair.mean == pytest.approx(0.015) and pair.std == pytest.approx(0.00707, abs=1e-4)
+    # Unpaired: gain 0.015 against a spread of max(std 0.0212, 0.0141): no clear change, whatever the pairing says.
+    assert verdict(r, rs) == "no clear change"
+    s = summary(r)
+    assert s["seeds_better"] == 2 and s["gain_paired_std"] == pytest.approx(pair.std)
+    assert "+0.0150 +- 0.0071, better in 2/2" in table(r)
+    rs.scores = [0.18]
+    with pytest.raises(ValueError, match="1 seed scores, real-only 2"):
+        paired(r, rs)

@@ -17,17 +17,18 @@ from mrigen.utility.__main__ import main as utility_cli
 def test_cli_logs_a_nested_run_and_tags_the_version(tracking_env, demo_store, capsys):
     run_id = log_untrained_model(tracking_env, "utility-tests", seed=0, metrics={"final_val_ssim": 0.5})
     version = register(run_id, "util-model", metric="val_ssim", value=0.5, greater_is_better=True)
-    rc = utility_cli(["--model", f"models:/util-model/{version}", "--task", "slice_pos", "--data",
-                      str(demo_store.path), "--seeds", "2", "--synthetic", "8,16", "--steps", "3", "--device", "cpu",
-                      "--quiet"])
+    rc = utility_cli(["--model", f"models:/util-model/{version}", "--task", "slice_pos", "--task", "site",
+                      "--data", str(demo_store.path), "--seeds", "2", "--synthetic", "8,16", "--steps", "3",
+                      "--device", "cpu", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "| real+synthetic | 16 |" in out and "logged run" in out
+    assert "| real+synthetic | 16 |" in out and out.count("logged run") == 2       # --task repeats: one run each
+    assert out.index("task `slice_pos`") < out.index("task `site`")
     client = MlflowClient(tracking_env, registry_uri=tracking_env)
     parent = client.get_run(run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    assert len(children) == 1
-    child = children[0]
+    assert sorted(c.data.tags["mrigen.utility.task"] for c in children) == ["site", "slice_pos"]
+    child = next(c for c in children if c.data.tags["mrigen.utility.task"] == "slice_pos")
     assert child.data.tags["mrigen.kind"] == "utility" and child.info.status == "FINISHED"
     assert "utility_slice_pos_real_mean" in child.data.metrics
     assert "utility_slice_pos_real_synthetic_16_mean" in child.data.metrics
@@ -48,6 +49,7 @@ def test_cli_logs_a_nested_run_and_tags_the_version(tracking_env, demo_store, ca
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "volume"], "unknown task 'volume' (allowed: slice_pos, site, age, sex)"),
+    (["--task", "site", "--task", "volume"], "unknown task 'volume'"),      # every task checked before any runs
     (["--task", "site", "--real-fraction", "1.5"], "real_fraction=1.5 is out of range (allowed: 0 < F <= 1)"),
     (["--task", "site", "--real-fraction", "0"], "real_fraction=0.0 is out of range"),
     (["--task", "site", "--synthetic", "x"], "--synthetic 'x': expected counts"),
