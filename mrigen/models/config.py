@@ -12,13 +12,16 @@ from typing import Any, Mapping
 from mrigen.config import config_from_dict
 from mrigen.models.condition import check_names
 
-__all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "LATENT_PRIORS", "NORMS", "ModelConfig"]
+__all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "LATENT_PRIORS", "MAX_FITTED_LATENT", "NORMS", "ModelConfig"]
 
 FAMILIES = ("vae", "vqvae")
 KERNEL_SIZES = (3, 4, 5)
 NORMS = ("batch", "group")
 LATENTS = ("dense", "spatial")
 LATENT_PRIORS = ("normal", "fitted")
+# Largest VAE latent (entries) for latent_prior="fitted": its D x D covariance is built and Cholesky-factorised in
+# float64 (8192: 0.5 GiB, ~10 s on 2 cores; 16384 took 37 s and 2 GiB per copy at 32 px in a test).
+MAX_FITTED_LATENT = 8192
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,25 @@ class ModelConfig:
         if self.family == "vqvae" and self.latent_prior != "normal":
             raise ValueError(f"latent_prior={self.latent_prior!r} is a VAE option; a VQ-VAE samples from its code "
                              "prior (prior_channels, prior_layers, sample_temperature, sample_top_k)")
+        if self.latent_prior == "fitted" and self.latent_entries > MAX_FITTED_LATENT:
+            gib = self.latent_entries**2 * 8 / 2**30
+            raise ValueError(
+                f"latent_prior='fitted' fits a full covariance over the latent's {self.latent_entries} entries "
+                f"({self.latent_dim} x {self.grid_size}x{self.grid_size}: a {gib:.1f} GiB float64 matrix, minutes of "
+                f"factorisation): at most {MAX_FITTED_LATENT}; lower latent_dim or grid, or use latent_prior='normal'"
+                if self.latent == "spatial" else
+                f"latent_prior='fitted' fits a full covariance over latent_dim={self.latent_dim} entries: at most "
+                f"{MAX_FITTED_LATENT}; lower latent_dim or use latent_prior='normal'")
 
     @property
     def grid_size(self) -> int:
         """Side h = w of the encoder's output grid: image_size / 2**blocks."""
         return self.image_size >> self.blocks
+
+    @property
+    def latent_entries(self) -> int:
+        """Entries of one VAE latent: latent_dim (dense) or latent_dim * grid_size**2 (spatial)."""
+        return self.latent_dim * (self.grid_size**2 if self.latent == "spatial" else 1)
 
     @property
     def scaled_channels(self) -> tuple[int, ...]:

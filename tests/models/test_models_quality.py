@@ -317,3 +317,16 @@ def test_residual_blocks_keep_shapes_and_train(family, make_images, make_cfg):
     plain = build_model(make_cfg(family=family, image_size=32, blocks=2, norm="group",
                                     **({"latent": "spatial"} if family == "vae" else {})))
     assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in plain.parameters())
+
+
+def test_fitted_prior_refuses_a_latent_too_large_for_its_covariance():
+    # 1024 channels on a 4x4 grid = 16,384 entries: a 2 GiB covariance (a test once spent 40 s factorising it).
+    with pytest.raises(ValueError, match=r"16384 entries \(1024 x 4x4: a 2.0 GiB .*at most 8192; lower latent_dim"):
+        ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent="spatial", latent_dim=1024,
+                    latent_prior="fitted")
+    with pytest.raises(ValueError, match="latent_dim=9000 entries: at most 8192"):
+        ModelConfig(latent="dense", latent_dim=9000, latent_prior="fitted")
+    assert ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent="spatial", latent_dim=1024).latent_entries \
+        == 16384                                                    # N(0, I) sampling has no covariance to fit
+    assert ModelConfig(image_size=128, grid=8, latent="spatial", latent_dim=16, latent_prior="fitted").latent_entries \
+        == 1024

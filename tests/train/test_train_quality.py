@@ -62,7 +62,7 @@ def test_batchnorm_vae_is_calibrated_for_reconstruction_after_training(demo_stor
 
 def test_vae_with_a_fitted_prior_fits_it_after_training_and_samples(demo_store):
     model_cfg, train_cfg = build_configs("vae", {"model": {**SMALL, "latent": "spatial", "norm": "group",
-                                                           "latent_prior": "fitted"},
+                                                           "latent_dim": 8, "latent_prior": "fitted"},
                                                  "train": {**FAST, "epochs": 1, "grid_every": 1}})
     result = train(model_cfg, train_cfg, demo_store, progress=False)
     prior = result.model.latent_prior
