@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         m = dict(result.val_metrics, wall_s=wall, epochs=result.epochs_run)
         grid = save_grids(result.model, store, args.out, family)
         rows[family] = m
-        print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}", flush=True)
+        print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}; "
+              + ", ".join(f"{k} {m[k]:.3f}" for k in ("ssim", "psnr", "fd_ratio", "memorised") if k in m), flush=True)
+        write_results(args, rows)  # after each family: a run cut short (a device call's time limit) keeps it
     print()
     cols = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("ms_ssim", "MS-SSIM"), ("fd_ratio", "fd_ratio"),
             ("precision", "prec"), ("precision_real", "prec real"), ("recall", "recall"),
@@ -131,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     best = min(rows.items(), key=lambda kv: kv[1].get("fd_ratio", float("inf")))
     for line in check(best[1], SAMPLE_TARGETS[args.mode]):
         print(f"best sampler ({best[0]}) target: {line}")
-    (args.out / "results.json").write_text(json.dumps({"mode": args.mode, "subjects": args.subjects,
-                                                        "results": rows}, indent=2))
+    write_results(args, rows)
     return 0
+
+
+def write_results(args: argparse.Namespace, rows: dict[str, dict]) -> None:
+    """OUT/results.json with the families measured so far (replaced atomically)."""
+    tmp = args.out / "results.json.tmp"
+    tmp.write_text(json.dumps({"mode": args.mode, "subjects": args.subjects, "results": rows}, indent=2))
+    tmp.replace(args.out / "results.json")
 
 
 if __name__ == "__main__":

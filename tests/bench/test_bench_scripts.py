@@ -59,6 +59,9 @@ def test_quality_bench_prints_the_table_and_checks_targets(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith(("| vqvae |", "| vae |"))]
     assert len(rows) == 2
     assert any(line.startswith("vqvae target: psnr") for line in text.splitlines())
+    # each family's figures are printed (and results.json written) as soon as it is done: a run cut short keeps them
+    assert any(line.startswith("vqvae: trained") and "fd_ratio" in line for line in text.splitlines())
+    assert not (tmp_path / "out" / "results.json.tmp").exists()
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     for family in ("vqvae", "vae"):
         assert {"ssim", "psnr", "fd_ratio", "memorised", "wall_s"} <= set(results[family]), family
