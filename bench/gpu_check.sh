@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): GPU-marked tests, training throughput (mrigen vs bare loop) and
-# study wall time. Carry `.whl` (wheels the device image lacks: optuna, mlflow, nibabel, isal, python-calamine...)
-# and `.gpu-carry` (store128.tgz: the 24-subject demo store at 128 px, made here by build_demo_store).
+# study wall time. Carry `.whl` (wheels the device image lacks: optuna, mlflow-skinny, nibabel, isal, ...) and
+# `.gpu-carry` (store128.tgz: the 24-subject demo store at 128 px); `bash bench/gpu_prepare.sh` makes both here.
 # Results land in $OUT.
 set -u
 # Worst case by the timeouts below: 90 + 4 x 75 + 150 = 540 s, under the device tool's 600 s per call.
