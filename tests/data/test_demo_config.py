@@ -39,11 +39,18 @@ def test_demo_cohort_layout_and_determinism(demo_cohort_src, tmp_path):
 
 
 def test_demo_cohort_threads_write_the_same_files_and_bad_workers_fail(demo_cohort_src, tmp_path):
-    """The fixture's cohort was written by one thread per CPU; three threads give the same voxels."""
+    """The fixture's cohort was written by one thread per CPU; three threads (native BLAS pools limited to one
+    thread) and one thread (pools left alone) give the same voxels, and the pools' sizes are restored."""
+    from threadpoolctl import threadpool_info
+
+    before = [p["num_threads"] for p in threadpool_info()]
     threaded = make_demo_cohort(tmp_path / "t", subjects=6, seed=3, voxel_scale=4, progress=False, workers=3)
-    for a, b in zip(sorted(demo_cohort_src.glob("*.nii.gz")), threaded):
-        assert a.name == b.name
+    assert [p["num_threads"] for p in threadpool_info()] == before
+    single = make_demo_cohort(tmp_path / "s", subjects=6, seed=3, voxel_scale=4, progress=False, workers=1)
+    for a, b, c in zip(sorted(demo_cohort_src.glob("*.nii.gz")), threaded, single, strict=True):
+        assert a.name == b.name == c.name
         np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+        np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(c).dataobj))
     with pytest.raises(ValueError, match="workers=-1 is invalid"):
         make_demo_cohort(tmp_path / "bad", subjects=1, voxel_scale=4, progress=False, workers=-1)
 
