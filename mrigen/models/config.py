@@ -132,8 +132,8 @@ class ModelConfig:
             gib = self.latent_entries**2 * 8 / 2**30
             raise ValueError(
                 f"latent_prior='fitted' fits a full covariance over the latent's {self.latent_entries} entries "
-                f"({self.latent_dim} x {self.grid_size}x{self.grid_size}: a {gib:.1f} GiB float64 matrix, minutes of "
-                f"factorisation): at most {MAX_FITTED_LATENT}; lower latent_dim or grid, or use latent_prior='normal'"
+                f"({self.latent_dim} x {self.grid_size}x{self.grid_size}: a {gib:.1f} GiB float64 matrix to factorise"
+                f"): at most {MAX_FITTED_LATENT}; lower latent_dim or grid, or use latent_prior='normal'"
                 if self.latent == "spatial" else
                 f"latent_prior='fitted' fits a full covariance over latent_dim={self.latent_dim} entries: at most "
                 f"{MAX_FITTED_LATENT}; lower latent_dim or use latent_prior='normal'")
