@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 __all__ = ["AuxTargets", "BLOTCH_AMP", "BLUR_SIGMA", "CHECKER_AMP", "CONTRAST_GAIN", "DEGRADATIONS", "NOISE_STD",
            "PATCH_EDGE", "PATCH_GRIDS", "PATCH_SHARE",
-           "apply_degradation", "aux_targets", "degrade", "head_masks"]
+           "apply_degradation", "aux_targets", "degrade", "gaussian_blur", "head_masks"]
 
 # Class index = position in this tuple.
 DEGRADATIONS = ("clean", "blur", "noise", "blotch", "rim", "checker", "contrast", "patches")
@@ -105,7 +105,7 @@ def head_masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return head, rim, interior
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable Gaussian blur: `(B, 1, H, W)`, sigma `(B,)` pixels -> `(B, 1, H, W)`."""
     b, _, h, w = x.shape
     radius = max(1, math.ceil(3 * float(sigma.max())))
@@ -135,13 +135,14 @@ def _blotches(x: torch.Tensor, interior: torch.Tensor, gen: torch.Generator) -> 
                       / (2 * radius.reshape(shape) ** 2))                    # (B, n_blobs, H, W)
     local = (blobs * (amp * keep).reshape(shape)).sum(1, keepdim=True)       # (B, 1, H, W)
     lo_h, lo_w = max(2, h // 4), max(2, w // 4)                             # smooth field: blur at 1/4 size
-    field = _blur(torch.randn(b, 1, lo_h, lo_w, generator=gen), _uniform(b, min(h, w) / 48, min(h, w) / 24, gen))
+    field = gaussian_blur(torch.randn(b, 1, lo_h, lo_w, generator=gen),
+                          _uniform(b, min(h, w) / 48, min(h, w) / 24, gen))
     field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
     field = field / field.flatten(1).std(1).clamp_min(1e-8).reshape(b, 1, 1, 1)         # unit std
     field = field * 0.5 * _uniform(b, *BLOTCH_AMP, gen).reshape(b, 1, 1, 1)
     pick = (torch.rand(b, generator=gen) < 0.5).reshape(b, 1, 1, 1)
     offset = torch.where(pick, local, field).to(x.device)
-    return offset * _blur(interior, torch.full((b,), 1.0))
+    return offset * gaussian_blur(interior, torch.full((b,), 1.0))
 
 
 def _broken_rim(x: torch.Tensor, rim: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -184,7 +185,7 @@ def _checker(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch
 def _washed_out(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Head contrast pulled toward its mean (gain in CONTRAST_GAIN), optionally lifted a little."""
     b = x.shape[0]
-    soft = _blur(head, torch.full((b,), 1.0))
+    soft = gaussian_blur(head, torch.full((b,), 1.0))
     mean = (x * head).sum((-2, -1), keepdim=True) / head.sum((-2, -1), keepdim=True).clamp_min(1.0)
     gain = _uniform(b, *CONTRAST_GAIN, gen).reshape(b, 1, 1, 1).to(x.device)
     lift = _uniform(b, 0.0, 0.08, gen).reshape(b, 1, 1, 1).to(x.device)
@@ -224,7 +225,7 @@ def _patches(x: torch.Tensor, head: torch.Tensor, gen: torch.Generator) -> torch
     moved = cells.gather(2, src[:, None, :].expand_as(cells))
     swapped = F.fold(moved, (hh, ww), cell, stride=cell)                                 # (B, 1, hh, ww)
     mask = F.fold(pick[:, None, :].float().expand(b, cell * cell, n_cells), (hh, ww), cell, stride=cell)
-    mask = _blur(mask, _uniform(b, *PATCH_EDGE, gen))             # decoders draw the patch edges soft or sharp
+    mask = gaussian_blur(mask, _uniform(b, *PATCH_EDGE, gen))             # decoders draw the patch edges soft or sharp
     out = x.clone()
     out[..., :hh, :ww] = x[..., :hh, :ww] + mask * (swapped - x[..., :hh, :ww])
     return out
@@ -278,7 +279,7 @@ def apply_degradation(name: str, x: torch.Tensor, gen: torch.Generator,
     if name == "clean":
         return x
     if name == "blur":
-        return _blur(x, _uniform(b, *BLUR_SIGMA, gen))
+        return gaussian_blur(x, _uniform(b, *BLUR_SIGMA, gen))
     if name == "noise":
         return x + (_uniform(b, *NOISE_STD, gen).reshape(b, 1, 1, 1) * torch.randn(x.shape, generator=gen)).to(x.device)
     head, rim, interior = head_masks(x) if masks is None else masks

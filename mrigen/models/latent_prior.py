@@ -8,12 +8,18 @@ on the demo cohort: square outlines, scrambled interiors). Fitting the training 
 slice's layout together across the latent grid, for the price of one encoder pass, a k-means and a Cholesky
 factorisation.
 
-The mixture: k-means centres of the posterior means (`components` of them, fewer for a small training set so each
-has at least `MIN_PER_COMPONENT` slices), weighted by their share of the slices, with one shared covariance, the
-pooled within-cluster one. One component is a single full-covariance Gaussian. Measured on the demo cohort (3-epoch
-VAE, 2,880 training slices, 1,024 latent dimensions; bench/RESULTS.md): fd_ratio 5.6 with one component, 3.9 with
-8, 2.6 with 32, and 1.2 with 128, where 29% of the samples were copies of training slices: many small clusters
-memorise.
+The mixture: k-means centres of the posterior means (`components` of them at most), weighted by their share of the
+slices, with one shared covariance, the pooled within-cluster one. One component is a single full-covariance
+Gaussian. Measured on the demo cohort (3-epoch VAE, 2,880 training slices, 1,024 latent dimensions;
+bench/RESULTS.md): fd_ratio 5.6 with one component, 3.9 with 8, 2.6 with 32, and 1.2 with 128, where 29% of the
+samples were copies of training slices: many small clusters memorise.
+
+Every component pools at least `MIN_PER_COMPONENT` slices and, when the slices' subjects are given, slices of at
+least `MIN_SUBJECTS_PER_COMPONENT` subjects (`pooled_kmeans` dissolves clusters that fall short). Plain k-means on
+the demo cohort made components of one subject's 30 slices, whose draws were that subject's head outline with a
+soft interior: most of the samples the copy detector flagged. Measured on 10,000 samples (bench/RESULTS.md,
+2026-11-28): flagged 67 -> 12 for the `make tune` champion, 25 -> 16 (mean of 3 k-means seeds) for an 8-epoch
+VAE, for fd_ratio +0.08 and +0.22.
 
 The covariance is shrunk a little towards its diagonal (`SHRINKAGE`), which keeps it positive definite when there
 are fewer training slices than latent dimensions; more shrinkage cost sample quality (0.1: fd_ratio 6.3 vs 5.5).
@@ -24,27 +30,75 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["KMEANS_ITERATIONS", "MIN_PER_COMPONENT", "SHRINKAGE", "GaussianLatentPrior", "kmeans"]
+__all__ = ["KMEANS_ITERATIONS", "MIN_PER_COMPONENT", "MIN_SUBJECTS_PER_COMPONENT", "SHRINKAGE",
+           "GaussianLatentPrior", "kmeans", "pooled_kmeans"]
 
 SHRINKAGE = 0.01          # cov <- (1 - s) * cov + s * diag(cov)
 MIN_PER_COMPONENT = 50    # training slices per mixture component, at least
+MIN_SUBJECTS_PER_COMPONENT = 3  # subjects per mixture component, at least (when the fit is given subjects)
 KMEANS_ITERATIONS = 30
 _JITTER = (0.0, 1e-6, 1e-4, 1e-2)  # relative diagonal jitter tried in turn if the Cholesky factorisation fails
 
 
-def kmeans(x: torch.Tensor, k: int, iterations: int = KMEANS_ITERATIONS, seed: int = 0) -> tuple[torch.Tensor,
-                                                                                                    torch.Tensor]:
-    """Lloyd's k-means from k distinct rows drawn with a seeded generator: (N, D), k <= N -> (centres (k, D),
-    assignment (N,) int64). A cluster that empties keeps its last centre (and gets weight 0 in the mixture)."""
-    gen = torch.Generator().manual_seed(seed)
-    centres = x[torch.randperm(len(x), generator=gen)[:k].to(x.device)].clone()
-    assign = torch.zeros(len(x), dtype=torch.long, device=x.device)
+def _lloyd(x: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's iterations from `centres` (k, D), updated in place: -> (centres, assignment (N,) int64). A cluster
+    that empties keeps its last centre."""
+    k = centres.shape[0]
     for _ in range(iterations):
         assign = torch.cdist(x, centres).argmin(dim=1)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         filled = counts > 0
         centres[filled] = sums[filled] / counts[filled, None]
+    return centres, torch.cdist(x, centres).argmin(dim=1)
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = KMEANS_ITERATIONS, seed: int = 0) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """Lloyd's k-means from k distinct rows drawn with a seeded generator: (N, D), k <= N -> (centres (k, D),
+    assignment (N,) int64 to the nearest centre). A cluster that empties keeps its last centre."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=gen)[:k].to(x.device)].clone()
+    return _lloyd(x, centres, iterations)
+
+
+def pooled_kmeans(x: torch.Tensor, k: int, *, groups: torch.Tensor | None = None,
+                  min_rows: int = MIN_PER_COMPONENT, min_groups: int = MIN_SUBJECTS_PER_COMPONENT,
+                  iterations: int = KMEANS_ITERATIONS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means whose every cluster holds at least `min_rows` rows and, with `groups`, rows of at least `min_groups`
+    distinct groups (subjects), so that no component is one subject's average.
+
+    A cluster that falls short is dissolved (the one with the fewest groups, then the fewest rows, first): its
+    centre is dropped and Lloyd's iterations rerun from the remaining centres; repeated until every cluster
+    qualifies or one is left.
+
+    Args:
+        x: `(N, D)` rows, N >= k.
+        k: clusters to start from.
+        groups: `(N,)` int64 group of each row, or None (rows only).
+        min_rows, min_groups: what each cluster must pool.
+
+    Returns:
+        (centres `(k', D)`, assignment `(N,)` int64 into them), k' <= k.
+    """
+    if groups is not None and tuple(groups.shape) != (x.shape[0],):
+        raise ValueError(f"groups must be ({x.shape[0]},) labels, one per row; got shape {tuple(groups.shape)}")
+    if groups is not None:
+        groups = torch.unique(groups, return_inverse=True)[1].to(x.device)      # labels -> 0..G-1
+    centres, assign = kmeans(x, k, iterations, seed)
+    while centres.shape[0] > 1:
+        k = centres.shape[0]
+        rows = torch.bincount(assign, minlength=k)
+        if groups is None:
+            distinct = torch.full((k,), min_groups, dtype=torch.long, device=x.device)
+        else:                                  # distinct (cluster, group) pairs, counted per cluster
+            n_groups = int(groups.max()) + 1
+            distinct = torch.bincount(torch.unique(assign * n_groups + groups) // n_groups, minlength=k)
+        short = ((rows < min_rows) | (distinct < min_groups)).nonzero().flatten()
+        if len(short) == 0:
+            break
+        worst = short[torch.argmin(distinct[short] * (len(x) + 1) + rows[short])]
+        centres, assign = _lloyd(x, centres[torch.arange(k, device=x.device) != worst].clone(), iterations)
     return centres, assign
 
 
@@ -72,9 +126,19 @@ class GaussianLatentPrior(nn.Module):
         return self.means.shape[0]
 
     @torch.no_grad()
-    def fit(self, latents: torch.Tensor, shrinkage: float = SHRINKAGE, seed: int = 0) -> int:
+    def fit(self, latents: torch.Tensor, shrinkage: float = SHRINKAGE, seed: int = 0,
+            groups: torch.Tensor | None = None, min_rows: int = MIN_PER_COMPONENT,
+            min_subjects: int = MIN_SUBJECTS_PER_COMPONENT) -> int:
         """Fit the mixture to `latents` (N, D), N >= 2, in float64; returns the number of components used
-        (min(K, N // MIN_PER_COMPONENT), at least 1; unused ones get weight 0).
+        (at most min(K, N // MIN_PER_COMPONENT), at least 1; unused ones get weight 0).
+
+        Args:
+            latents: `(N, D)` posterior means of the training slices.
+            shrinkage: of the pooled covariance towards its diagonal.
+            seed: seeds k-means.
+            groups: `(N,)` int64 subject of each row, or None; with it every component pools slices of at least
+                `min_subjects` subjects (see `pooled_kmeans`).
+            min_rows, min_subjects: what each component must pool (1 and 1: plain k-means, for comparisons).
 
         Raises:
             ValueError: wrong shape, too few rows, non-finite values or a shrinkage outside [0, 1].
@@ -87,11 +151,16 @@ class GaussianLatentPrior(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError("cannot fit the latent prior: the encoder produced non-finite posterior means")
         n = x.shape[0]
+        if groups is not None and tuple(groups.shape) != (n,):
+            raise ValueError(f"groups must be ({n},) subject labels, one per latent row; "
+                             f"got shape {tuple(groups.shape)}")
         k = max(1, min(self.components, n // MIN_PER_COMPONENT))
         if k == 1:
             centres, assign = x.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long, device=x.device)
         else:
-            centres, assign = kmeans(x, k, seed=seed)
+            centres, assign = pooled_kmeans(x, k, groups=groups, min_rows=min_rows, min_groups=min_subjects,
+                                            seed=seed)
+            k = centres.shape[0]
         resid = x - centres[assign]
         cov = resid.T @ resid / max(n - k, 1)                                    # pooled within-cluster covariance
         diag = torch.diag(cov).clamp_min(1e-12)

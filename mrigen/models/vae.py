@@ -185,16 +185,18 @@ class VAE(nn.Module):
             return self.decode(self.encode(x, attrs)[0], attrs)
 
     @torch.no_grad()
-    def fit_latent_prior(self, images: torch.Tensor, batch_size: int = 256, attrs: torch.Tensor | None = None) -> None:
+    def fit_latent_prior(self, images: torch.Tensor, batch_size: int = 256, attrs: torch.Tensor | None = None,
+                         groups: torch.Tensor | None = None) -> None:
         """Fit the sampling prior (`cfg.latent_prior == "fitted"`) to the posterior means of `images` (N, 1, H, W)
-        in [0, 1], the training slices (with their encoded attributes `(N, A)` for a conditional model). A no-op for
-        a model that samples from N(0, I)."""
+        in [0, 1], the training slices (with their encoded attributes `(N, A)` for a conditional model, and their
+        subjects `(N,)` int64 so that no mixture component is one subject's: `GaussianLatentPrior.fit`). A no-op
+        for a model that samples from N(0, I)."""
         if self.latent_prior is None:
             return
         with eval_mode(self):
             mus = [self.encode(images[i:i + batch_size].float(), None if attrs is None else attrs[i:i + batch_size])[0]
                    for i in range(0, len(images), batch_size)]
-        self.latent_prior.fit(torch.cat(mus).flatten(1))
+        self.latent_prior.fit(torch.cat(mus).flatten(1), groups=groups)
 
     def sample(self, n: int, generator: torch.Generator | None = None, conditions=None) -> torch.Tensor:
         """Decode n draws of z from the prior (N(0, I), or the fitted one), in eval mode, no grad.

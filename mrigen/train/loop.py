@@ -292,6 +292,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     train_attrs, val_attrs = _attributes(model, model_cfg, store, train_cfg.seed, device)
     ae_attrs = train_attrs if model_cfg.family == "vae" else None     # the VQ-VAE conditions only its prior
     ae_val_attrs = val_attrs if model_cfg.family == "vae" else None
+    train_rows = store.slices("train")
+    subjects = [str(row.get("subject", "")) for row in train_rows]     # a fitted prior pools >= 3 per component
+    lookup: dict[str, int] = {}
+    train_groups = (torch.tensor([lookup.setdefault(name, len(lookup)) for name in subjects])
+                    if len(subjects) == len(train_x) and "" not in subjects else None)
     opt_cls = torch.optim.AdamW if train_cfg.weight_decay > 0 else torch.optim.Adam
     kwargs = {"fused": True} if device.type == "cuda" else {}
     groups = [{"params": list(model.parameters())}]
@@ -386,7 +391,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                 break
             if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
                 if hasattr(model, "fit_latent_prior"):                   # samples of this epoch's weights
-                    model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
+                    model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs, groups=train_groups)
                 grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae", val_attrs=val_attrs)
                 for h in hooks:
                     h.on_images(ctx, epoch, grids)
@@ -397,7 +402,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
         if hasattr(model, "calibrate_reconstruction") and not result.stopped_early:
             model.calibrate_reconstruction(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
         if hasattr(model, "fit_latent_prior") and not result.stopped_early:   # VAE: N(0, I) or the fitted prior
-            model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs)
+            model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs, groups=train_groups)
 
         if model_cfg.family == "vqvae" and not result.stopped_early and train_cfg.prior_steps > 0:
             prior = train_prior(model, train_x, train_cfg, val_codes_from=val_x, progress=progress,

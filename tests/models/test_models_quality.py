@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mrigen.models import CodePrior, ModelConfig, build_model, load_model, save_model
-from mrigen.models.latent_prior import MIN_PER_COMPONENT, SHRINKAGE, GaussianLatentPrior
+from mrigen.models.latent_prior import (MIN_PER_COMPONENT, MIN_SUBJECTS_PER_COMPONENT, SHRINKAGE, GaussianLatentPrior,
+                                        pooled_kmeans)
 from mrigen.models.adversarial import adaptive_weight, PatchDiscriminator, discriminator_loss, generator_loss
 from mrigen.models.losses import recon_nll, vae_loss
 from mrigen.models.prior import gumbel_noise
@@ -182,7 +183,33 @@ def test_mixture_prior_finds_the_clusters_and_their_shares():
     assert torch.allclose(shares, torch.tensor(counts) / 600.0, atol=0.02)
     for k in range(3):                                     # within-cluster spread is the pooled one, 0.5
         assert torch.allclose((z[nearest == k] - centres[k]).std(0), torch.full((3,), 0.5), atol=0.05)
-    assert GaussianLatentPrior(3, components=3).fit(latents[: 2 * MIN_PER_COMPONENT]) == 2   # small set: fewer
+    small = torch.cat([latents[:60], latents[300:360]])          # 120 slices of two clusters: at most 2 components
+    assert GaussianLatentPrior(3, components=3).fit(small) == 2
+
+
+def test_every_mixture_component_pools_enough_slices_and_subjects():
+    """A tight cluster of one subject's slices gets no component of its own: its draws would be that subject."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])
+    counts = [300, 200, MIN_PER_COMPONENT - 10]                 # the third cluster is too small on its own
+    latents = torch.cat([c + 0.5 * torch.randn(n, 2, generator=g) for c, n in zip(centres, counts)])
+    subjects = torch.arange(len(latents)) % 20                  # 20 subjects spread over every cluster
+    prior = GaussianLatentPrior(2, components=3)
+    assert prior.fit(latents, groups=subjects) == 2
+    assert float(prior.weights.min()) == 0.0 and int((prior.weights > 0).sum()) == 2
+    assert float(prior.weights[prior.weights > 0].min()) * len(latents) >= MIN_PER_COMPONENT
+    # a cluster big enough but of one subject: a component of its own only when subjects are not given
+    one = torch.cat([latents[:500], torch.tensor([0.0, 10.0]) + 0.5 * torch.randn(120, 2, generator=g)])
+    subjects = torch.cat([torch.arange(500) % 20, torch.full((120,), 99)])
+    assert GaussianLatentPrior(2, components=3).fit(one) == 3
+    centres_fit, assign = pooled_kmeans(one.double(), 3, groups=subjects)
+    assert centres_fit.shape[0] == 2
+    for k in range(2):
+        assert len(torch.unique(subjects[assign == k])) >= MIN_SUBJECTS_PER_COMPONENT
+        assert int((assign == k).sum()) >= MIN_PER_COMPONENT
+    assert GaussianLatentPrior(2, components=3).fit(one, groups=subjects) == 2
+    with pytest.raises(ValueError, match="groups must be"):
+        GaussianLatentPrior(2, components=3).fit(one, groups=subjects[:10])
 
 
 def test_unfitted_latent_prior_refuses_to_sample(make_cfg):

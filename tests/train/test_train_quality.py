@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mrigen.models.latent_prior import GaussianLatentPrior
 from mrigen.train import train
 from mrigen.train.augment import augment_batch
 from mrigen.train.configs import build_configs
@@ -60,11 +61,19 @@ def test_batchnorm_vae_is_calibrated_for_reconstruction_after_training(demo_stor
     assert bool(result.model.mean_path_calibrated)
 
 
-def test_vae_with_a_fitted_prior_fits_it_after_training_and_samples(demo_store):
+def test_vae_with_a_fitted_prior_fits_it_after_training_and_samples(demo_store, monkeypatch):
     model_cfg, train_cfg = build_configs("vae", {"model": {**SMALL, "latent": "spatial", "norm": "group",
                                                            "latent_dim": 8, "latent_prior": "fitted"},
                                                  "train": {**FAST, "epochs": 1, "grid_every": 1}})
+    seen = []
+    fit = GaussianLatentPrior.fit
+    monkeypatch.setattr(GaussianLatentPrior, "fit",
+                        lambda self, latents, **kw: seen.append(kw) or fit(self, latents, **kw))
     result = train(model_cfg, train_cfg, demo_store, progress=False)
+    subjects = [row["subject"] for row in demo_store.slices("train")]
+    assert seen and all(kw["groups"] is not None for kw in seen)          # every fit pools subjects, not slices
+    groups = seen[-1]["groups"].tolist()
+    assert len(groups) == len(subjects) and len(set(zip(groups, subjects))) == len(set(subjects)) == len(set(groups))
     prior = result.model.latent_prior
     assert bool(prior.fitted) and torch.isfinite(prior.scale_tril).all()
     assert float(prior.means.abs().sum()) > 0 and float(prior.weights.sum()) == pytest.approx(1.0)
