@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mrigen.registry",
                                 description="Registered mrigen generators and their champion alias.")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///mlflow.db in the working directory)")
+                                          "./mrigen-work/mlflow.db, what `python -m mrigen.tune` writes)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered models with their latest version and champion")
     s = sub.add_parser("show", help="one model: description, versions, metrics, aliases")

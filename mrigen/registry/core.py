@@ -224,7 +224,7 @@ def promote_if_better(name: str, version: str | int, *, metric: str | None = Non
             champion ranked on another metric is compared through its recorded final value of `metric`; a
             champion that fails `require` is replaced by any version that meets it.
         force: make it champion regardless, and retire every other candidate.
-        tracking_uri: tracking/registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db).
+        tracking_uri: tracking/registry URI (default: MLFLOW_TRACKING_URI, else ./mrigen-work/mlflow.db).
 
     Returns:
         True if `version` is the champion when the alias has converged.

@@ -216,6 +216,18 @@ def _check_resume(meta: dict, mcfg: ModelConfig, tcfg: TrainConfig, digest: str,
         raise CheckpointError(f"{ckpt}: checkpoint was trained on other data (store digest differs)")
 
 
+def _subject_ids(store, n: int) -> torch.Tensor | None:
+    """`(n,)` int64 subject index of each training slice, for a fitted latent prior that pools >= 3 subjects per
+    component; None when the store's rows do not name every slice's subject (the prior then pools slices only)."""
+    subjects = [str(row.get("subject", "")) for row in store.slices("train")]
+    if len(subjects) != n or "" in subjects:
+        log.warning("the train split's rows do not name a subject for each of its %d slices: the fitted latent "
+                    "prior's components pool slices, not subjects", n)
+        return None
+    lookup: dict[str, int] = {}
+    return torch.tensor([lookup.setdefault(name, len(lookup)) for name in subjects])
+
+
 def _attributes(model: torch.nn.Module, mcfg: ModelConfig, store, seed: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Encoded attributes `(N, A)` of the train and val slices for a conditional model (None, None otherwise); the
@@ -292,11 +304,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     train_attrs, val_attrs = _attributes(model, model_cfg, store, train_cfg.seed, device)
     ae_attrs = train_attrs if model_cfg.family == "vae" else None     # the VQ-VAE conditions only its prior
     ae_val_attrs = val_attrs if model_cfg.family == "vae" else None
-    train_rows = store.slices("train")
-    subjects = [str(row.get("subject", "")) for row in train_rows]     # a fitted prior pools >= 3 per component
-    lookup: dict[str, int] = {}
-    train_groups = (torch.tensor([lookup.setdefault(name, len(lookup)) for name in subjects])
-                    if len(subjects) == len(train_x) and "" not in subjects else None)
+    train_groups = _subject_ids(store, len(train_x)) if getattr(model, "latent_prior", None) is not None else None
     opt_cls = torch.optim.AdamW if train_cfg.weight_decay > 0 else torch.optim.Adam
     kwargs = {"fused": True} if device.type == "cuda" else {}
     groups = [{"params": list(model.parameters())}]

@@ -12,7 +12,7 @@ from mrigen.models.latent_prior import GaussianLatentPrior
 from mrigen.train import train
 from mrigen.train.augment import augment_batch
 from mrigen.train.configs import build_configs
-from mrigen.train.loop import _BestWeights
+from mrigen.train.loop import _BestWeights, _subject_ids
 
 SMALL = {"image_size": 32, "blocks": 3, "channels": [8, 16, 32]}
 FAST = {"batch_size": 16, "final_eval": False, "grid_every": 0, "prior_steps": 20, "lr": 1e-3}
@@ -79,6 +79,21 @@ def test_vae_with_a_fitted_prior_fits_it_after_training_and_samples(demo_store, 
     assert float(prior.means.abs().sum()) > 0 and float(prior.weights.sum()) == pytest.approx(1.0)
     samples = result.model.sample(4, torch.Generator().manual_seed(0))
     assert samples.shape == (4, 1, 32, 32) and torch.isfinite(samples).all()
+
+
+def test_subject_ids_name_each_training_slice_or_warn(caplog):
+    class Rows:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def slices(self, split):
+            return self.rows
+
+    ids = _subject_ids(Rows([{"subject": "IXI002"}, {"subject": "IXI012"}, {"subject": "IXI002"}]), 3)
+    assert ids.tolist() == [0, 1, 0]
+    assert _subject_ids(Rows([{"subject": "IXI002"}, {}]), 2) is None
+    assert _subject_ids(Rows([{"subject": "IXI002"}]), 2) is None
+    assert "pool slices, not subjects" in caplog.text
 
 
 def test_augmentation_flips_and_shifts_by_whole_pixels():
