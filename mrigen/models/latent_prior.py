@@ -17,9 +17,9 @@ samples were copies of training slices: many small clusters memorise.
 Every component pools at least `MIN_PER_COMPONENT` slices and, when the slices' subjects are given, slices of at
 least `MIN_SUBJECTS_PER_COMPONENT` subjects (`pooled_kmeans` dissolves clusters that fall short). Plain k-means on
 the demo cohort made components of one subject's 30 slices, whose draws were that subject's head outline with a
-soft interior: most of the samples the copy detector flagged. Measured on 10,000 samples (bench/RESULTS.md,
-2026-11-28): flagged 67 -> 12 for the `make tune` champion, 25 -> 16 (mean of 3 k-means seeds) for an 8-epoch
-VAE, for fd_ratio +0.08 and +0.22.
+soft interior: most of the samples the copy detector flagged. Measured per 10,000 samples, mean of 3 k-means seeds
+(bench/copy_detector.py, bench/RESULTS.md, 2026-11-28): flagged 45 -> 15 for the `make tune` champion and 25 -> 16
+for an 8-epoch VAE, for fd_ratio +0.12 and +0.22.
 
 The covariance is shrunk a little towards its diagonal (`SHRINKAGE`), which keeps it positive definite when there
 are fewer training slices than latent dimensions; more shrinkage cost sample quality (0.1: fd_ratio 6.3 vs 5.5).
