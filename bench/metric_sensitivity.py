@@ -75,9 +75,9 @@ def _cell(values: list[float], digits: int = 2) -> str:
 
 
 def _row(runs: list[dict[str, float]]) -> str:
-    """The table cells of one row: fd_ratio, precision, recall, diversity."""
+    """The table cells of one row: fd_ratio, precision, recall, diversity, hf_ratio."""
     return " | ".join(_cell([m[key] for m in runs], 3 if key == "diversity" else 2)
-                      for key in ("fd_ratio", "precision", "recall", "diversity"))
+                      for key in ("fd_ratio", "precision", "recall", "diversity", "hf_ratio"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--sampling {spec!r}: expected TEMPERATURE,TOP_K, e.g. 0.7,8")
     store = SliceStore.open(args.store)
     test = store.tensor("test", "cpu")
-    print("| real test slices with | fd_ratio | precision | recall | diversity |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| real test slices with | fd_ratio | precision | recall | diversity | hf_ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, failure in failures(args.failures).items():
         runs = [evaluate(_RealSlices(test, failure, seed), store, "val", n_samples=args.samples, seed=seed)
                 for seed in range(args.seeds)]
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {_row(runs)} |", flush=True)
     m = runs[-1]
     print(f"(real baseline: fd_real {m['fd_real']:.3f}, precision_real {m['precision_real']:.2f}, recall_real "
-          f"{m['recall_real']:.2f}, diversity_real {m['diversity_real']:.3f})")
+          f"{m['recall_real']:.2f}, diversity_real {m['diversity_real']:.3f}, hf_ratio_real {m['hf_ratio_real']:.2f})")
     return 0
 
 

@@ -3,7 +3,8 @@
 For each family (VQ-VAE, VAE) it trains `experiments/configs/<family>-recommended.yaml` with the mode's budget,
 runs the full evaluation on the held-out (val) subjects, writes the real / reconstruction / sample grid PNGs, and
 prints: held-out recon SSIM / PSNR / MS-SSIM, fd_ratio, precision / recall beside their real baselines, diversity
-beside real, memorised share and wall time, with the issue's targets beside each figure.
+beside real, the samples' and reconstructions' fine detail (hf_ratio beside real, recon hf), memorised share and
+wall time, with the issue's targets beside each figure.
 
     python bench/quality.py --mode cpu                 # 64 px on the CPU (target: <= 15 min for both families)
     python bench/quality.py --mode gpu                 # 128 px on CUDA
@@ -114,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         grid = save_grids(result.model, store, args.out, family)
         rows[family] = m
         print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}; "
-              + ", ".join(f"{k} {m[k]:.3f}" for k in ("ssim", "psnr", "fd_ratio", "memorised") if k in m), flush=True)
+              + ", ".join(f"{k} {m[k]:.3f}" for k in ("ssim", "psnr", "fd_ratio", "hf_ratio", "memorised")
+                            if k in m), flush=True)
         write_results(args, rows)  # after each family: a run cut short (a device call's time limit) keeps it
     print()
     cols = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("ms_ssim", "MS-SSIM"), ("fd_ratio", "fd_ratio"),
             ("precision", "prec"), ("precision_real", "prec real"), ("recall", "recall"),
             ("recall_real", "recall real"), ("diversity", "div"), ("diversity_real", "div real"),
+            ("hf_ratio", "hf_ratio"), ("hf_ratio_real", "hf real"), ("recon_hf_ratio", "recon hf"),
             ("memorised", "memorised"), ("wall_s", "wall s")]
     print("| family | " + " | ".join(c[1] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

@@ -1,4 +1,5 @@
-"""Quality metrics: reconstruction (SSIM, PSNR, MS-SSIM), samples (FD, precision/recall, diversity), copies.
+"""Quality metrics: reconstruction (SSIM, PSNR, MS-SSIM), samples (FD, precision/recall, diversity, sharpness),
+copies.
 
 `evaluate(model, store, split)` returns them all as one flat dict of floats, each sample metric beside its
 real baseline (`*_real`: real slices of training subjects against the same held-out reference). See
@@ -12,6 +13,7 @@ from .memorisation import memorisation, nn_distances
 from .pretext import DEGRADATIONS, degrade
 from .recon import image_metrics, ms_ssim_betas, ms_ssim_per_image, psnr_per_image, recon_metrics, ssim_per_image
 from .samples import diversity, diversity_metric, frechet_distance, pair_indices, precision_recall
+from .spectrum import hf_power, hf_ratio
 
 __all__ = [
     "BASELINE_SPLIT",
@@ -27,6 +29,8 @@ __all__ = [
     "extract_features",
     "frechet_distance",
     "get_feature_net",
+    "hf_power",
+    "hf_ratio",
     "image_metrics",
     "load_feature_net",
     "memorisation",

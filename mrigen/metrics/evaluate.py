@@ -14,6 +14,7 @@ from .features import FeatureNet, extract_features, get_feature_net, train_halve
 from .memorisation import memorisation
 from .recon import recon_metrics
 from .samples import PR_K, diversity, frechet_distance, pair_indices, precision_recall
+from .spectrum import hf_ratio
 
 __all__ = ["BASELINE_SPLIT", "DIVERSITY_PAIRS", "EVAL_SAMPLES", "evaluate", "sample_metrics"]
 
@@ -102,7 +103,9 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
     Both sets are compared with the same code against the same `reference` (held-out real slices):
     `fd`, `fd_real`, `fd_ratio` = fd / fd_real; `precision`, `recall`, `precision_real`, `recall_real`
     (k-NN manifolds, `k`); `diversity`, `diversity_real` (mean pairwise MS-SSIM over the same index pairs);
-    `memorised`, `nn_train_dist`, `nn_train_dist_real` (see `memorisation`).
+    `hf_ratio`, `hf_ratio_real` (high-frequency power in the brain over the reference's: < 1 softer, > 1
+    noisier; see `mrigen.metrics.spectrum`); `memorised`, `nn_train_dist`, `nn_train_dist_real` (see
+    `memorisation`).
 
     Args:
         fake: `(N, 1, H, W)` samples in [0, 1], N > k.
@@ -143,6 +146,8 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
                          torch.Generator().manual_seed(seed + 1))
     result["diversity"] = diversity(fake, pairs, batch_size=batch_size)
     result["diversity_real"] = diversity(baseline, pairs, batch_size=batch_size)
+    result["hf_ratio"] = hf_ratio(fake, reference, batch_size=batch_size)
+    result["hf_ratio_real"] = hf_ratio(baseline, reference, batch_size=batch_size)
     groups = None if train_groups is None else _ids(train_groups)
     result.update(memorisation(fake, train, reference, train_groups=groups, seed=seed))
     return result
@@ -154,7 +159,8 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
              device: torch.device | str | None = None) -> dict[str, float]:
     """All quality metrics of `model` on one held-out split of `store`, each sample metric beside a real baseline.
 
-    Reconstruction (all slices of the split): `ssim`, `psnr` (dB, capped at 100), `ms_ssim` (only at >= 22 px).
+    Reconstruction (all slices of the split): `ssim`, `psnr` (dB, capped at 100), `ms_ssim` (only at >= 22 px),
+    `recon_hf_ratio` (the reconstructions' high-frequency power over the originals': < 1 = a soft decoder).
     Samples (`sample_metrics`): the reference is every slice of `split` (subjects the model never saw); the model
     draws n = `n_samples` or `EVAL_SAMPLES` samples; the baseline is min(n, all) real slices drawn (seeded) from
     the store's "train" split, from the `train_halves` half of its subjects that the feature network did not
@@ -176,8 +182,9 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
         device: where to compute; default the model's device.
 
     Returns:
-        Flat dict of finite floats: ssim, psnr[, ms_ssim][, fd, fd_real, fd_ratio, precision, recall,
-        precision_real, recall_real, diversity, diversity_real, memorised, nn_train_dist, nn_train_dist_real]
+        Flat dict of finite floats: ssim, psnr[, ms_ssim], recon_hf_ratio[, fd, fd_real, fd_ratio, precision,
+        recall, precision_real, recall_real, diversity, diversity_real, hf_ratio, hf_ratio_real, memorised,
+        nn_train_dist, nn_train_dist_real]
         and, for a conditional model, the conditioning fidelity (`mrigen.metrics.fidelity`): cond_slice_pos_mae,
         cond_site_acc, cond_age_mae, cond_sex_acc (each with its `_real` yardstick) for its attributes.
     """
@@ -214,7 +221,7 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
     was_training = model.training
     model.eval()
     try:
-        result = recon_metrics(model, real, batch_size=batch_size, ms_ssim=True,
+        result = recon_metrics(model, real, batch_size=batch_size, ms_ssim=True, spectrum=True,
                                attrs=_recon_attrs(model, store.slices(split), device))
         gen = torch.Generator(device=device).manual_seed(seed)
         try:
@@ -244,8 +251,10 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
                                             batch_size=batch_size))
     _finite(result, f"split {split!r}")
     log.info("evaluated %s on %r (%d samples, %d baseline, %d reference): SSIM %.3f, PSNR %.1f dB, fd_ratio %.2f, "
-             "precision %.2f (real %.2f), recall %.2f (real %.2f), diversity %.3f (real %.3f), memorised %.2f",
+             "precision %.2f (real %.2f), recall %.2f (real %.2f), diversity %.3f (real %.3f), "
+             "hf_ratio %.2f (real %.2f), memorised %.3f",
              type(model).__name__, split, n, m, real.shape[0], result["ssim"], result["psnr"], result["fd_ratio"],
              result["precision"], result["precision_real"], result["recall"], result["recall_real"],
-             result["diversity"], result["diversity_real"], result["memorised"])
+             result["diversity"], result["diversity_real"], result["hf_ratio"], result["hf_ratio_real"],
+             result["memorised"])
     return result

@@ -14,6 +14,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from mrigen.models.ssim import SIGMA, WINDOW, gaussian_ms_ssim, gaussian_ssim
 
+from .spectrum import hf_power
+
 __all__ = [
     "MS_SSIM_BETAS",
     "PSNR_CAP_DB",
@@ -143,7 +145,7 @@ def image_metrics(preds: torch.Tensor, target: torch.Tensor, *, ms_ssim: bool = 
 @torch.no_grad()
 def recon_metrics(
     model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 256, ms_ssim: bool = False,
-    attrs: torch.Tensor | None = None,
+    attrs: torch.Tensor | None = None, spectrum: bool = False,
 ) -> dict[str, float]:
     """Mean per-image reconstruction quality of `model.reconstruct` on `images` (the per-epoch cheap path).
 
@@ -155,9 +157,11 @@ def recon_metrics(
         batch_size: images per `reconstruct` call.
         ms_ssim: also report `ms_ssim` when the size allows it.
         attrs: `(N, A)` encoded attributes for a conditional VAE (`reconstruct(x, attrs)`); None otherwise.
+        spectrum: also report `recon_hf_ratio`, the reconstructions' high-frequency power over the originals'
+            (`mrigen.metrics.spectrum`: < 1 means the decoder draws softer slices than it is given).
 
     Returns:
-        {"ssim": float, "psnr": float[, "ms_ssim": float]}: means over the N images.
+        {"ssim": float, "psnr": float[, "ms_ssim": float][, "recon_hf_ratio": float]}: means over the N images.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -167,11 +171,20 @@ def recon_metrics(
     model.eval()
     try:
         sums: dict[str, float] = {}
+        power = {"recon": 0.0, "real": 0.0}
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size]
             recon = model.reconstruct(x) if attrs is None else model.reconstruct(x, attrs[start:start + batch_size])
             for name, values in image_metrics(recon, x, ms_ssim=ms_ssim).items():
                 sums[name] = sums.get(name, 0.0) + float(values.double().sum())
+            if spectrum:
+                power["recon"] += hf_power(recon.float().clamp(0, 1)) * x.shape[0]
+                power["real"] += hf_power(x.float()) * x.shape[0]
     finally:
         model.train(was_training)
-    return {name: total / images.shape[0] for name, total in sums.items()}
+    out = {name: total / images.shape[0] for name, total in sums.items()}
+    if spectrum:
+        if power["real"] <= 0.0:
+            raise ValueError("images have no high-frequency power inside a brain: recon_hf_ratio is undefined")
+        out["recon_hf_ratio"] = power["recon"] / power["real"]
+    return out

@@ -29,6 +29,8 @@ class TrainConfig:
     channels_last: bool = True       # NHWC memory format (faster convolutions on CUDA and on the CPU)
     recon: str = "mse"               # reconstruction term, summed per image: "mse" (Gaussian) or "l1" (Laplace)
     ssim_weight: float = 0.0         # extra (1 - SSIM) term per image, weighted; 0 = off
+    spectral_weight: float = 0.0     # extra local log-amplitude spectrum term per image (detail each 16 px patch
+                                     # should show, phase-free), weighted like the SSIM term; 0 = off
     beta: float = 1.0                # weight of the KL term (beta-VAE); 1 = the ELBO
     kl_warmup_epochs: int = 0        # KL weight rises linearly 0 -> 1 over this many epochs; 0 = full from start
     free_bits: float = 0.0           # nats per latent dimension not penalised (prevents posterior collapse)
@@ -64,9 +66,9 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 1")
-        non_negative = ("weight_decay", "ssim_weight", "beta", "kl_warmup_epochs", "free_bits", "prior_steps",
-                        "grid_every", "eval_samples", "checkpoint_every_s", "adv_weight", "adv_start_epoch",
-                        "early_stop_patience")
+        non_negative = ("weight_decay", "ssim_weight", "spectral_weight", "beta", "kl_warmup_epochs", "free_bits",
+                        "prior_steps", "grid_every", "eval_samples", "checkpoint_every_s", "adv_weight",
+                        "adv_start_epoch", "early_stop_patience")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")

@@ -96,9 +96,11 @@ class _Step:
         t = self.tcfg
         if self.mcfg.family == "vae":
             terms = vae_loss(out, x, recon=t.recon, beta=t.beta, kl_weight=kl_weight, free_bits=t.free_bits,
-                             ssim_weight=t.ssim_weight, sigma=t.sigma, log_sigma=self.model.log_sigma)
+                             ssim_weight=t.ssim_weight, spectral_weight=t.spectral_weight, sigma=t.sigma,
+                             log_sigma=self.model.log_sigma)
         else:
-            terms = vq_vae_loss(out, x, recon=t.recon, ssim_weight=t.ssim_weight)
+            terms = vq_vae_loss(out, x, recon=t.recon, ssim_weight=t.ssim_weight,
+                                spectral_weight=t.spectral_weight)
         g_adv = None
         if adversarial and self.disc is not None:
             self.disc.requires_grad_(False)

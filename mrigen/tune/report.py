@@ -95,7 +95,7 @@ def _param(key: str, value):
     return Param(key, str(value))
 
 
-SAMPLE_COLUMNS = ("val_ssim", "val_fd_ratio", "val_precision", "val_recall", "val_memorised")
+SAMPLE_COLUMNS = ("val_ssim", "val_fd_ratio", "val_precision", "val_recall", "val_hf_ratio", "val_memorised")
 
 
 def _fmt(v) -> str:
@@ -226,7 +226,8 @@ def verdict(metrics: dict[str, float], targets: tuple[tuple[str, str, float], ..
 
 
 def champion_report(name: str, tracking_uri: str, spec: StudySpec, demo: bool) -> str:
-    """What the registry's champion measured (held-out recon SSIM/PSNR, fd_ratio, precision, recall, memorised)
+    """What the registry's champion measured (held-out recon SSIM/PSNR, fd_ratio, precision, recall, hf_ratio,
+    memorised)
     and a one-line verdict against the demo targets (`demo`) or the 128 px GPU targets."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -258,5 +259,5 @@ def champion_report(name: str, tracking_uri: str, spec: StudySpec, demo: bool) -
         f"{tags.get(METRIC_TAG, '?')} = {float(tags.get(VALUE_TAG, 'nan')):.4f}",
         f"  held-out recon: SSIM {show('ssim')}, PSNR {show('psnr', '.1f')} dB | samples: fd_ratio "
         f"{show('fd_ratio')}, precision {show('precision', '.2f')}, recall {show('recall', '.2f')}, "
-        f"memorised {show('memorised')}",
+        f"hf_ratio {show('hf_ratio', '.2f')} (real {show('hf_ratio_real', '.2f')}), memorised {show('memorised')}",
         f"  {label} ({wanted}): {verdict(m, targets)}"])

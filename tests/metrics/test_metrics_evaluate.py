@@ -13,7 +13,8 @@ from mrigen.metrics import EVAL_SAMPLES, FeatureNet, evaluate
 from mrigen.metrics.features import train_halves
 
 ALL_KEYS = {"ssim", "psnr", "ms_ssim", "fd", "fd_real", "fd_ratio", "precision", "recall", "precision_real",
-            "recall_real", "diversity", "diversity_real", "memorised", "nn_train_dist", "nn_train_dist_real"}
+            "recall_real", "diversity", "diversity_real", "hf_ratio", "hf_ratio_real", "recon_hf_ratio", "memorised",
+            "nn_train_dist", "nn_train_dist_real"}
 
 
 def test_identity_model_returns_every_key_finite(store: SyntheticStore, feature_net: FeatureNet) -> None:
@@ -22,6 +23,8 @@ def test_identity_model_returns_every_key_finite(store: SyntheticStore, feature_
     assert set(out) == ALL_KEYS
     assert all(isinstance(v, float) and torch.isfinite(torch.tensor(v)) for v in out.values())
     assert out["ssim"] == pytest.approx(1.0, abs=1e-5) and out["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert out["recon_hf_ratio"] == pytest.approx(1.0)             # a perfect decoder is as sharp as its input
+    assert out["hf_ratio"] == pytest.approx(1.0, abs=0.1)           # samples are draws of the reference slices
     assert model.training                                            # previous mode restored
     for key in ("precision", "recall", "precision_real", "recall_real", "memorised"):
         assert 0.0 <= out[key] <= 1.0
@@ -61,6 +64,7 @@ def test_noise_model_is_far_worse_than_the_real_baseline(store: SyntheticStore, 
     assert out["fd"] > out["fd_real"] and out["fd_ratio"] > 2
     assert out["precision"] < out["precision_real"] and out["recall"] < out["recall_real"]
     assert out["diversity"] < out["diversity_real"] and out["ssim"] < 0.2
+    assert out["hf_ratio"] > 1.5 * out["hf_ratio_real"]             # noise is all high frequencies
 
 
 def test_cached_feature_net_is_used_by_default(store: SyntheticStore, feature_net: FeatureNet) -> None:
@@ -72,7 +76,7 @@ def test_model_that_cannot_sample_reports_reconstruction_only(
         store: SyntheticStore, feature_net: FeatureNet, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="mrigen.metrics"):
         out = evaluate(NoPriorModel(store.tensor("train")), store, feature_net=feature_net)
-    assert set(out) == {"ssim", "psnr", "ms_ssim"}
+    assert set(out) == {"ssim", "psnr", "ms_ssim", "recon_hf_ratio"}
     assert "cannot sample" in caplog.text and "prior has not been trained" in caplog.text
 
 

@@ -1,4 +1,5 @@
-"""Losses: the ELBO's scaling (sums per image), KL per dim, free bits, annealing, SSIM, active units, overfit."""
+"""Losses: the ELBO's scaling (sums per image), KL per dim, free bits, annealing, SSIM, local spectrum, active units,
+overfit."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torchmetrics.functional.image import (multiscale_structural_similarity_inde
 
 from mrigen.models.ssim import gaussian_ms_ssim, gaussian_ssim
 from mrigen.models import VAEOutput, VQOutput, active_units, build_model, kl_per_dim, recon_loss, vae_loss, vq_vae_loss
+from mrigen.models.losses import local_spectrum_distance, recon_nll
 
 
 def _out(recon, d=4, mu=0.0, logvar=0.0):
@@ -58,12 +60,44 @@ def test_free_bits_stop_gradient_below_the_floor():
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(recon="bce"), "recon"), (dict(beta=-1.0), "beta"), (dict(kl_weight=1.5), "kl_weight"),
-     (dict(free_bits=-0.1), "free_bits"), (dict(ssim_weight=-1.0), "ssim_weight")],
+     (dict(free_bits=-0.1), "free_bits"), (dict(ssim_weight=-1.0), "ssim_weight"),
+     (dict(spectral_weight=-1.0), "spectral_weight")],
 )
 def test_invalid_loss_settings_raise_naming_the_field(kwargs, field):
     x = torch.zeros(1, 1, 16, 16)
     with pytest.raises(ValueError, match=field):
         vae_loss(_out(x), x, **kwargs)
+
+
+def _textured(n: int = 4, side: int = 32) -> torch.Tensor:
+    """Slices with fine detail: a disc of smooth shading plus pixel texture."""
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+    disc = ((xx ** 2 + yy ** 2) < 0.7).float()
+    return (disc * (0.5 + 0.2 * torch.rand(n, 1, side, side, generator=gen))).clamp(0, 1)
+
+
+def test_local_spectrum_term_is_zero_for_copies_and_penalises_blur_more_than_its_pixel_error():
+    x = _textured()
+    k = torch.tensor([1.0, 2.0, 1.0]) / 4
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"),
+                                         (k[:, None] * k[None, :])[None, None])
+    shifted = x.roll(1, dims=-1)                   # same detail, misplaced: a larger pixel error than the blur
+    d = local_spectrum_distance(blurred, x)
+    assert d.shape == (4,) and torch.all(local_spectrum_distance(x, x) == 0)
+    assert recon_loss(shifted, x) > recon_loss(blurred, x)
+    assert torch.all(local_spectrum_distance(shifted, x) < 0.5 * d)   # phase-free: detail counts, not its place
+    plain = recon_nll(blurred, x)[0]
+    assert recon_nll(blurred, x, spectral_weight=0.01)[0] == pytest.approx(
+        float(plain + 0.01 * 32 * 32 * d.mean()), rel=1e-5)
+
+
+def test_local_spectrum_term_has_gradients_and_works_below_the_patch_size():
+    x = _textured(side=8)                                          # smaller than SPECTRUM_PATCH: one patch
+    recon = torch.full_like(x, 0.5, requires_grad=True)
+    vq_vae_loss(VQOutput(recon, torch.tensor(0.0), torch.zeros(4, 1, 1, dtype=torch.long), torch.tensor(1.0)), x,
+                spectral_weight=0.1).total.backward()
+    assert recon.grad is not None and bool(torch.isfinite(recon.grad).all()) and recon.grad.abs().sum() > 0
 
 
 def test_shape_mismatch_is_an_error():

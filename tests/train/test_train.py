@@ -25,7 +25,7 @@ def configs(family="vae", epochs=2, **train_kw):
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("beta", -1.0),
                                          ("recon", "huber"), ("amp", "fp8"), ("free_bits", -0.1),
-                                         ("prior_steps", -1)])
+                                         ("prior_steps", -1), ("spectral_weight", -0.5)])
 def test_invalid_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -144,6 +144,14 @@ def test_vqvae_trains_its_prior_and_can_sample(demo_store):
     assert samples.shape == (4, 1, 32, 32)
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
     assert "val_perplexity" in result.history[0]
+
+
+@pytest.mark.parametrize("family", ["vae", "vqvae"])
+def test_the_local_spectrum_term_reaches_the_training_loss(demo_store, family):
+    plain = train(*configs(family, epochs=1, prior_steps=0), demo_store, progress=False)
+    spectral = train(*configs(family, epochs=1, prior_steps=0, spectral_weight=0.05), demo_store, progress=False)
+    first, second = plain.history[0]["train_loss"], spectral.history[0]["train_loss"]
+    assert math.isfinite(second) and second > first       # the same seed and batches, plus a term >= 0
 
 
 def test_image_size_mismatch_is_refused(demo_store):
