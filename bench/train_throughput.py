@@ -76,9 +76,11 @@ def bare_loop(model_cfg: ModelConfig, tcfg: TrainConfig, x: torch.Tensor, epochs
             out = type(out)(*(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in out))
             if model_cfg.family == "vae":                # the run config's loss, as mrigen computes it
                 loss = vae_loss(out, xb, recon=tcfg.recon, beta=tcfg.beta, kl_weight=1.0, free_bits=tcfg.free_bits,
-                                ssim_weight=tcfg.ssim_weight, sigma=tcfg.sigma, log_sigma=model.log_sigma).total
+                                ssim_weight=tcfg.ssim_weight, spectral_weight=tcfg.spectral_weight, sigma=tcfg.sigma,
+                                log_sigma=model.log_sigma).total
             else:
-                loss = vq_vae_loss(out, xb, recon=tcfg.recon, ssim_weight=tcfg.ssim_weight).total
+                loss = vq_vae_loss(out, xb, recon=tcfg.recon, ssim_weight=tcfg.ssim_weight,
+                                   spectral_weight=tcfg.spectral_weight).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -178,7 +178,7 @@ def recon_metrics(
             for name, values in image_metrics(recon, x, ms_ssim=ms_ssim).items():
                 sums[name] = sums.get(name, 0.0) + float(values.double().sum())
             if spectrum:
-                power["recon"] += hf_power(recon.float().clamp(0, 1)) * x.shape[0]
+                power["recon"] += hf_power(recon.float()) * x.shape[0]    # finite: image_metrics checked it
                 power["real"] += hf_power(x.float()) * x.shape[0]
     finally:
         model.train(was_training)

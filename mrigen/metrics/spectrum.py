@@ -13,6 +13,8 @@ missing piece of rim) leave it unchanged: it is a sharpness gauge, not a realism
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .pretext import gaussian_blur, head_masks
@@ -37,7 +39,8 @@ def hf_power(images: torch.Tensor, *, batch_size: int = 256) -> float:
     """Mean power per pixel at spatial frequencies in `HF_BAND`, inside each slice's brain interior.
 
     Per image: the interior mask of `head_masks` (the head without its rim, so the skull outline's edge is not
-    counted), softened into a window (`WINDOW_TAPER`) so its border adds no frequencies of its own; the windowed
+    counted; the window still reaches ~2 sigma beyond it, short of the rim), kept 3 sigma from the frame edge and
+    softened into a window (`WINDOW_TAPER`) so its border adds no frequencies of its own; the windowed
     image minus its windowed mean is Fourier-transformed, and |F|^2 / sum(window^2) is averaged over the band.
     Images whose interior is empty contribute 0 (they show no detail).
 
@@ -53,12 +56,18 @@ def hf_power(images: torch.Tensor, *, batch_size: int = 256) -> float:
     freq = torch.fft.fftfreq(side, device=images.device)
     radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2)                 # (H, W) cycles per pixel
     band = (radius >= HF_BAND[0]) & (radius <= HF_BAND[1])
+    sigma = side * WINDOW_TAPER
+    margin = math.ceil(3 * sigma)
     total = 0.0
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].float()
         b = x.shape[0]
         _, _, interior = head_masks(x)
-        window = gaussian_blur(interior, torch.full((b,), side * WINDOW_TAPER))   # (b, 1, H, W) in [0, 1]
+        interior[..., :margin, :] = 0                # a head that reaches the frame edge: keep the window off
+        interior[..., -margin:, :] = 0               # it, or the FFT's wrap-around adds an edge of its own
+        interior[..., :, :margin] = 0
+        interior[..., :, -margin:] = 0
+        window = gaussian_blur(interior, torch.full((b,), sigma))                  # (b, 1, H, W) in [0, 1]
         weight = window.sum((-2, -1), keepdim=True)
         mean = (x * window).sum((-2, -1), keepdim=True) / weight.clamp_min(1e-6)
         power = torch.fft.fft2(((x - mean) * window)[:, 0]).abs() ** 2             # (b, H, W)

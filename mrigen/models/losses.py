@@ -45,7 +45,7 @@ class LossTerms(NamedTuple):
 
     Attributes:
         total: recon + beta * kl_weight * KL-with-free-bits (VAE), or recon + vq (VQ-VAE).
-        recon: reconstruction term per image (pixel term + SSIM term), batch mean.
+        recon: reconstruction term per image (pixel term + SSIM and local spectrum terms), batch mean.
         kl: KL(q(z|x) || N(0, I)) summed over latent dims, batch mean, before free bits and weights (0 for VQ).
         kl_per_dim: (D,) KL of each latent dim (spatial latents flattened to C*h*w), batch mean; empty for VQ.
         vq: commitment loss from the quantizer (0 for the VAE).

@@ -23,10 +23,12 @@ __all__ = ["SAMPLE_METRICS", "FINAL_ONLY_METRICS", "KNOWN_DIRECTIONS", "Conditio
            "is_utility_metric", "known_direction"]
 
 # Metrics of generated samples (the final evaluation computes them; no per-epoch value exists).
-SAMPLE_METRICS = ("fd", "fd_ratio", "precision", "recall", "diversity", "memorised")
-# Only the final evaluation produces these (sample metrics and MS-SSIM); everything else `val_*` is per-epoch too.
-FINAL_ONLY_METRICS = (*SAMPLE_METRICS, "ms_ssim")
-# Which way is better, where it is unambiguous (diversity is read against its real baseline: no direction).
+SAMPLE_METRICS = ("fd", "fd_ratio", "precision", "recall", "diversity", "hf_ratio", "memorised")
+# Only the final evaluation produces these (sample metrics, MS-SSIM and the reconstructions' fine detail);
+# everything else `val_*` is per-epoch too.
+FINAL_ONLY_METRICS = (*SAMPLE_METRICS, "ms_ssim", "recon_hf_ratio")
+# Which way is better, where it is unambiguous (diversity and hf_ratio are read against their real baselines, ~1
+# for hf_ratio: no direction).
 KNOWN_DIRECTIONS = {"ssim": "maximize", "psnr": "maximize", "ms_ssim": "maximize", "loss": "minimize",
                     "recon": "minimize", "fd": "minimize", "fd_ratio": "minimize", "memorised": "minimize",
                     "precision": "maximize", "recall": "maximize"}
@@ -162,6 +164,9 @@ class PromotionRule:
             raise RuleError("metric", f"{metric!r} must be a validation metric val_* of the model (not a *_real "
                                       f"baseline)")
         direction = raw.get("direction") or known_direction(metric)
+        if direction is None:
+            raise RuleError("direction", f"{metric} has no better way that mrigen knows (it is read against its real "
+                                         "baseline); state direction: maximize or minimize")
         if direction not in ("maximize", "minimize"):
             raise RuleError("direction", f"{direction!r} must be maximize or minimize")
         if known_direction(metric) not in (None, direction):

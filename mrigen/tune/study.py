@@ -230,7 +230,10 @@ def _objective(path: Path, key: str, raw: Any) -> Objective:
     if is_baseline(metric):
         raise _fail(path, f"{key}.metric", f"{metric!r} is a real-vs-real baseline; it does not depend on the model")
     known = known_direction(metric)
-    direction = raw.get("direction", known or "maximize")
+    direction = raw.get("direction", known)
+    if direction is None:
+        raise _fail(path, f"{key}.direction", f"{metric} has no better way that mrigen knows (it is read against "
+                                              "its real baseline); state direction: maximize or minimize")
     if direction not in ("maximize", "minimize"):
         raise _fail(path, f"{key}.direction", f"{direction!r} must be maximize or minimize")
     if known not in (None, direction):

@@ -24,7 +24,8 @@ def test_bf16_channels_last_training_steps_on_cuda(tmp_path, make_cfg, make_imag
     for _ in range(30):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
-        terms = vae_loss(out, x, ssim_weight=0.1) if family == "vae" else vq_vae_loss(out, x, ssim_weight=0.1)
+        terms = (vae_loss(out, x, ssim_weight=0.1, spectral_weight=0.01) if family == "vae"
+                 else vq_vae_loss(out, x, ssim_weight=0.1, spectral_weight=0.01))
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
         opt.step()

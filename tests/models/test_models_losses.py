@@ -94,10 +94,18 @@ def test_local_spectrum_term_is_zero_for_copies_and_penalises_blur_more_than_its
 
 def test_local_spectrum_term_has_gradients_and_works_below_the_patch_size():
     x = _textured(side=8)                                          # smaller than SPECTRUM_PATCH: one patch
-    recon = torch.full_like(x, 0.5, requires_grad=True)
-    vq_vae_loss(VQOutput(recon, torch.tensor(0.0), torch.zeros(4, 1, 1, dtype=torch.long), torch.tensor(1.0)), x,
-                spectral_weight=0.1).total.backward()
-    assert recon.grad is not None and bool(torch.isfinite(recon.grad).all()) and recon.grad.abs().sum() > 0
+    recon = (0.5 * x + 0.1).requires_grad_(True)                   # textured: the patches' amplitudes are not 0
+    local_spectrum_distance(recon, x).sum().backward()
+    own = recon.grad.clone()
+    assert bool(torch.isfinite(own).all()) and own.abs().sum() > 0
+
+    def grad(weight: float) -> torch.Tensor:
+        r = recon.detach().clone().requires_grad_(True)
+        vq_vae_loss(VQOutput(r, torch.tensor(0.0), torch.zeros(4, 1, 1, dtype=torch.long), torch.tensor(1.0)), x,
+                    spectral_weight=weight).total.backward()
+        return r.grad
+
+    torch.testing.assert_close(grad(0.1) - grad(0.0), 0.1 * 64 * own / 4)   # weight x H*W x d/dr, batch mean
 
 
 def test_shape_mismatch_is_an_error():

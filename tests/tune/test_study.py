@@ -206,3 +206,19 @@ def test_utility_objective_direction_is_known():
 
     assert known_direction("val_utility_site_gain") == "maximize"
     assert known_direction("val_utility_age_tstr_ratio") == "maximize"
+
+
+def test_sharpness_is_a_sample_metric_without_a_direction(tmp_path):
+    from mrigen.registry.rule import FINAL_ONLY_METRICS, PromotionRule, RuleError, known_direction
+
+    assert is_sample_metric("val_hf_ratio") and not is_sample_metric("val_hf_ratio_real")
+    assert known_direction("val_hf_ratio") is None                  # read against ~1, like diversity
+    assert "recon_hf_ratio" in FINAL_ONLY_METRICS and not is_sample_metric("val_recon_hf_ratio")
+    # a metric with no known better way needs its direction stated (noise scores high, blur low)
+    with pytest.raises(StudyFileError, match=r"objective.direction: val_hf_ratio has no better way .* state direction"):
+        load_study(write(tmp_path, GOOD + "objective: {metric: val_hf_ratio}\n"))
+    with pytest.raises(StudyFileError, match=r"objective.direction: val_diversity has no better way"):
+        load_study(write(tmp_path, GOOD + "objective: {metric: val_diversity}\n"))
+    assert load_study(write(tmp_path, GOOD + "objective: {metric: val_hf_ratio, direction: maximize}\n"))
+    with pytest.raises(RuleError, match="val_hf_ratio has no better way"):
+        PromotionRule.parse({"metric": "val_hf_ratio"})
