@@ -42,10 +42,18 @@ _JITTER = (0.0, 1e-6, 1e-4, 1e-2)  # relative diagonal jitter tried in turn if t
 
 def _lloyd(x: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's iterations from `centres` (k, D), updated in place: -> (centres, assignment (N,) int64). A cluster
-    that empties keeps its last centre."""
+    that empties keeps its last centre.
+
+    Stops at a fixed point: once an assignment repeats the previous one, the centres it gives are the centres
+    already held, so the remaining iterations would change nothing (the result is the one all `iterations` give).
+    """
     k = centres.shape[0]
+    previous = None
     for _ in range(iterations):
         assign = torch.cdist(x, centres).argmin(dim=1)
+        if previous is not None and torch.equal(assign, previous):
+            return centres, assign
+        previous = assign
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         filled = counts > 0

@@ -11,7 +11,7 @@ import torch
 
 from mrigen.models import CodePrior, ModelConfig, build_model, load_model, save_model
 from mrigen.models.latent_prior import (MIN_PER_COMPONENT, MIN_SUBJECTS_PER_COMPONENT, SHRINKAGE, GaussianLatentPrior,
-                                        pooled_kmeans)
+                                        kmeans, pooled_kmeans)
 from mrigen.models.adversarial import adaptive_weight, PatchDiscriminator, discriminator_loss, generator_loss
 from mrigen.models.losses import recon_nll, vae_loss
 from mrigen.models.prior import gumbel_noise
@@ -185,6 +185,35 @@ def test_mixture_prior_finds_the_clusters_and_their_shares():
         assert torch.allclose((z[nearest == k] - centres[k]).std(0), torch.full((3,), 0.5), atol=0.05)
     small = torch.cat([latents[:60], latents[300:360]])          # 120 slices of two clusters: at most 2 components
     assert GaussianLatentPrior(3, components=3).fit(small) == 2
+
+
+def test_kmeans_stopping_at_a_fixed_point_gives_what_every_iteration_gives(monkeypatch):
+    """The early stop is exact: the same centres and assignment as Lloyd's iterations run to the end, in fewer
+    distance computations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([c + torch.randn(200, 8, generator=g, dtype=torch.float64) for c in torch.randn(12, 8, generator=g,
+                                                                                             dtype=torch.float64) * 4])
+    k, iterations = 10, 30
+
+    def full_lloyd():                                       # the plain loop, every iteration
+        centres = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(3))[:k]].clone()
+        for _ in range(iterations):
+            assign = torch.cdist(x, centres).argmin(dim=1)
+            sums = torch.zeros_like(centres).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).to(x.dtype)
+            filled = counts > 0
+            centres[filled] = sums[filled] / counts[filled, None]
+        return centres, torch.cdist(x, centres).argmin(dim=1)
+
+    calls = []
+    cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda *a, **kw: calls.append(1) or cdist(*a, **kw))
+    centres, assign = kmeans(x, k, iterations=iterations, seed=3)
+    assert len(calls) < iterations                          # it did stop early
+    monkeypatch.setattr(torch, "cdist", cdist)
+    ref_centres, ref_assign = full_lloyd()
+    assert torch.equal(assign, ref_assign)
+    assert torch.equal(centres, ref_centres)
 
 
 def test_every_mixture_component_pools_enough_slices_and_subjects():
