@@ -6,6 +6,8 @@
 set -u
 # Worst case by the timeouts below: 90 + 4 x 75 + 150 = 540 s, under the device tool's 600 s per call.
 # QUALITY=1 bash bench/gpu_check.sh runs only the 128 px quality and utility benchmarks (300 + 240 s at most).
+# A session lent 15 min of device time in all (machine start included) fits one of the two calls: run
+# QUALITY=1 first (the open quality / utility issues wait on it); the default call only if time is left.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
