@@ -18,7 +18,7 @@ FAMILIES = ("vae", "vqvae")
 KERNEL_SIZES = (3, 4, 5)
 NORMS = ("batch", "group")
 LATENTS = ("dense", "spatial")
-LATENT_PRIORS = ("normal", "fitted")
+LATENT_PRIORS = ("normal", "fitted", "flow")
 # Largest VAE latent (entries) for latent_prior="fitted": its D x D covariance is built and Cholesky-factorised in
 # float64 (8192: 0.5 GiB, ~10 s on 2 cores; 16384 took 37 s and 2 GiB per copy at 32 px in a test).
 MAX_FITTED_LATENT = 8192
@@ -41,8 +41,12 @@ class ModelConfig:
     latent: str = "dense"  # "dense" vector (B, latent_dim) | "spatial" map (B, latent_dim, h, w); VQ-VAE: "spatial"
     latent_dim: int = 1024  # VAE only: dense latent size, or channels of the spatial latent map
     latent_prior: str = "normal"  # VAE sampling: "normal" z ~ N(0, I) | "fitted" Gaussian mixture fitted to the
-    #                               training posterior means after training (mrigen.models.latent_prior)
+    #                               training posterior means after training (mrigen.models.latent_prior) | "flow" a
+    #                               flow-matching U-Net over a spatial latent, trained for train.prior_steps after
+    #                               the autoencoder (mrigen.models.latent_flow)
     latent_prior_components: int = 32  # fitted prior: k-means components (fewer on small sets); 1 = one Gaussian
+    flow_width: int = 64  # flow prior: feature maps of its U-Net at the latent grid's resolution (a multiple of 8)
+    flow_steps: int = 25  # flow prior: Heun steps from noise to a latent when sampling (two network calls each)
     codebook_size: int = 512  # VQ-VAE: number of codes K
     code_dim: int = 64  # VQ-VAE: channels of each code vector
     commitment: float = 0.25  # VQ-VAE: weight of the commitment term ||z_e - sg(q)||^2
@@ -90,7 +94,7 @@ class ModelConfig:
         _check_choice("latent_prior", self.latent_prior, LATENT_PRIORS)
         _check_choice("kernel_size", self.kernel_size, KERNEL_SIZES)
         for name in ("image_size", "blocks", "latent_dim", "codebook_size", "code_dim", "prior_channels",
-                     "prior_layers", "condition_dim", "latent_prior_components"):
+                     "prior_layers", "condition_dim", "latent_prior_components", "flow_width", "flow_steps"):
             _check_int(name, getattr(self, name), minimum=1)
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size={self.image_size!r} must be a power of two >= 16 (e.g. 64, 128, 256)")
@@ -128,6 +132,16 @@ class ModelConfig:
         if self.family == "vqvae" and self.latent_prior != "normal":
             raise ValueError(f"latent_prior={self.latent_prior!r} is a VAE option; a VQ-VAE samples from its code "
                              "prior (prior_channels, prior_layers, sample_temperature, sample_top_k)")
+        if self.flow_width % 8:
+            raise ValueError(f"flow_width={self.flow_width} must be a multiple of 8 (GroupNorm groups)")
+        if self.latent_prior == "flow":
+            if self.latent != "spatial" or self.grid_size < 2 or self.grid_size % 2:
+                raise ValueError(f"latent_prior='flow' is a convolutional prior over a latent grid: it needs "
+                                 f"latent='spatial' and an even grid of at least 2x2 (got latent={self.latent!r}, "
+                                 f"grid {self.grid_size}x{self.grid_size})")
+            if self.conditions:
+                raise ValueError(f"latent_prior='flow' is unconditional: it cannot be combined with conditions="
+                                 f"{list(self.conditions)!r} (use a conditional VQ-VAE for targeted sampling)")
         if self.latent_prior == "fitted" and self.latent_entries > MAX_FITTED_LATENT:
             gib = self.latent_entries**2 * 8 / 2**30
             raise ValueError(

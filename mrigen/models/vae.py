@@ -7,8 +7,10 @@ statistics on the mean path into a second set of buffers that `reconstruct` uses
 statistics: z ~ N(0, I) has the variance of a sampled z). GroupNorm decoders need none of this.
 
 Sampling draws z from N(0, I), or with `cfg.latent_prior == "fitted"` from a Gaussian mixture fitted to the
-training slices' posterior means once training ends (`fit_latent_prior`; see mrigen.models.latent_prior). Those z vary
-like posterior means, so the fitted prior decodes with the mean-path statistics too.
+training slices' posterior means once training ends (`fit_latent_prior`; see mrigen.models.latent_prior), or with
+`"flow"` from a flow-matching network over the latent grid trained after the autoencoder (mrigen.models.latent_flow,
+mrigen.train.prior.train_latent_flow). Those z vary like posterior means, so both decode with the mean-path
+statistics too.
 
 Conditioning (`cfg.conditions`): the attributes `(B, A)` (see mrigen.models.condition) become one vector that
 modulates every encoder and decoder norm layer (FiLM), so z is free to hold what the attributes do not say and
@@ -28,6 +30,7 @@ from torch import nn
 from mrigen.models.blocks import LEAKY_SLOPE, Decoder, Encoder, FiLM, check_images, eval_mode, norm_widths, run_trunk
 from mrigen.models.condition import ConditionEmbedding
 from mrigen.models.config import ModelConfig
+from mrigen.models.latent_flow import FlowLatentPrior
 from mrigen.models.latent_prior import GaussianLatentPrior
 
 __all__ = ["VAE", "VAEOutput"]
@@ -74,9 +77,11 @@ class VAE(nn.Module):
             self.to_posterior = nn.Conv2d(c, 2 * d, kernel_size=1)
             self.from_latent = nn.Sequential(nn.Conv2d(d, c, kernel_size=1), nn.LeakyReLU(LEAKY_SLOPE))
             self.latent_shape = (d, g, g)
-        self.latent_prior: GaussianLatentPrior | None = None
+        self.latent_prior: GaussianLatentPrior | FlowLatentPrior | None = None
         if cfg.latent_prior == "fitted":
             self.latent_prior = GaussianLatentPrior(math.prod(self.latent_shape), cfg.latent_prior_components)
+        elif cfg.latent_prior == "flow":
+            self.latent_prior = FlowLatentPrior(self.latent_shape, cfg.flow_width, cfg.flow_steps)
         # learned decoder scale of the sigma-VAE (train.sigma="learned"): log of the per-pixel std / Laplace scale
         self.log_sigma = nn.Parameter(torch.zeros(()))
         bns = self._decoder_batchnorms()
@@ -175,6 +180,14 @@ class VAE(nn.Module):
         return VAEOutput(self.decode(z, attrs), mu, logvar)
 
     @property
+    def prior_trained(self) -> bool:
+        """Whether `sample` can run: always for N(0, I), once fitted / trained for the fitted and flow priors."""
+        if self.latent_prior is None:
+            return True
+        flag = self.latent_prior.trained if isinstance(self.latent_prior, FlowLatentPrior) else self.latent_prior.fitted
+        return bool(flag)
+
+    @property
     def condition_embedding(self) -> ConditionEmbedding | None:
         """The model's attribute embedding (with its bank of training rows); None if unconditional."""
         return self.condition
@@ -190,8 +203,9 @@ class VAE(nn.Module):
         """Fit the sampling prior (`cfg.latent_prior == "fitted"`) to the posterior means of `images` (N, 1, H, W)
         in [0, 1], the training slices (with their encoded attributes `(N, A)` for a conditional model, and their
         subjects `(N,)` int64 so that no mixture component is one subject's: `GaussianLatentPrior.fit`). A no-op
-        for a model that samples from N(0, I)."""
-        if self.latent_prior is None:
+        for a model that samples from N(0, I), and for the flow prior, which is trained, not fitted
+        (mrigen.train.prior.train_latent_flow)."""
+        if not isinstance(self.latent_prior, GaussianLatentPrior):
             return
         with eval_mode(self):
             mus = [self.encode(images[i:i + batch_size].float(), None if attrs is None else attrs[i:i + batch_size])[0]
@@ -199,7 +213,7 @@ class VAE(nn.Module):
         self.latent_prior.fit(torch.cat(mus).flatten(1), groups=groups)
 
     def sample(self, n: int, generator: torch.Generator | None = None, conditions=None) -> torch.Tensor:
-        """Decode n draws of z from the prior (N(0, I), or the fitted one), in eval mode, no grad.
+        """Decode n draws of z from the prior (N(0, I), the fitted mixture or the flow), in eval mode, no grad.
 
         Args:
             n: number of images (>= 1).
@@ -212,7 +226,7 @@ class VAE(nn.Module):
             (n, 1, H, W) in [0, 1] on the model's device.
 
         Raises:
-            RuntimeError: if the model samples from a fitted prior that was never fitted.
+            RuntimeError: if the model samples from a fitted prior that was never fitted, or a flow never trained.
         """
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
@@ -225,6 +239,6 @@ class VAE(nn.Module):
             if self.latent_prior is None:
                 z = torch.randn((n, *self.latent_shape), generator=generator, device=noise_device).to(device)
                 return self.decode(z, attrs)
-            z = self.latent_prior.draw(n, generator).reshape(n, *self.latent_shape)
+            z = self.latent_prior.draw(n, generator).reshape(n, *self.latent_shape)   # fitted mixture or flow
             with self._mean_path_statistics():
                 return self.decode(z, attrs)

@@ -50,9 +50,10 @@ class TrainConfig:
     condition_dropout_all: float = 0.0   # conditional models: chance that a training row hides all its attributes at
                                          # once (trains the fully unconditional branch that guidance on several
                                          # attributes compares against)
-    prior_steps: int = 2000          # VQ-VAE only: optimiser steps of the code prior after the autoencoder
-    prior_lr: float = 1e-3           # VQ-VAE only: prior learning rate (cosine decay to 10% over prior_steps)
-    prior_batch_size: int = 64       # VQ-VAE only: code grids per prior step
+    prior_steps: int = 2000          # VQ-VAE's code prior / VAE's flow prior (model.latent_prior="flow"): optimiser
+                                     # steps of the prior after the autoencoder
+    prior_lr: float = 1e-3           # those priors' learning rate (cosine decay to 10% over prior_steps)
+    prior_batch_size: int = 64       # those priors: code grids / latents per step
     grid_every: int = 5              # epochs between image grids (real | reconstruction | samples); 0 = end only
     grid_n: int = 8                  # images per grid row
     eval_batch_size: int = 512       # images per forward pass in validation

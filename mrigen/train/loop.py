@@ -27,7 +27,7 @@ from mrigen.train.hooks import Hook, StopTraining, TrainContext
 from mrigen.train.augment import augment_batch
 from mrigen.train.images import make_grid
 from mrigen.models.condition import encode_rows
-from mrigen.train.prior import drop_conditions, train_prior
+from mrigen.train.prior import drop_conditions, train_latent_flow, train_prior
 from mrigen.train.state import CheckpointError, CheckpointWriter, load_checkpoint
 
 __all__ = ["train", "TrainResult", "epoch_seed"]
@@ -402,7 +402,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             if train_cfg.grid_every and (epoch + 1) % train_cfg.grid_every == 0 and epoch + 1 < train_cfg.epochs:
                 if hasattr(model, "fit_latent_prior"):                   # samples of this epoch's weights
                     model.fit_latent_prior(train_x, train_cfg.eval_batch_size, attrs=ae_attrs, groups=train_groups)
-                grids = _grids(model, val_x, train_cfg, can_sample=model_cfg.family == "vae", val_attrs=val_attrs)
+                grids = _grids(model, val_x, train_cfg, val_attrs=val_attrs,     # a flow is trained at the end
+                               can_sample=model_cfg.family == "vae" and model_cfg.latent_prior != "flow")
                 for h in hooks:
                     h.on_images(ctx, epoch, grids)
         bar.close()
@@ -419,9 +420,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                                 train_attrs=train_attrs, val_attrs=val_attrs)
             result.extra["prior_loss"] = prior.train_nll
             result.extra["prior_val_nll"] = prior.val_nll
+        if model_cfg.latent_prior == "flow" and not result.stopped_early and train_cfg.prior_steps > 0:
+            flow = train_latent_flow(model, train_x, train_cfg, val_from=val_x, progress=progress)
+            result.extra["flow_loss"] = flow.train_nll
+            result.extra["flow_val_loss"] = flow.val_nll
         model.eval()
-        can_sample = bool(getattr(model, "prior_trained", False)) or (
-            model_cfg.family == "vae" and (model_cfg.latent_prior == "normal" or not result.stopped_early))
+        can_sample = bool(getattr(model, "prior_trained", False))    # VAE: N(0, I), or its fitted / trained prior
         if train_cfg.final_eval and not result.stopped_early:
             from mrigen.metrics import evaluate
 

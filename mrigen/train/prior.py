@@ -1,4 +1,5 @@
-"""Second stage of a VQ-VAE: fit its autoregressive code prior on the training split's code grids.
+"""Second stage of a two-stage model: a VQ-VAE's autoregressive code prior on the training split's code grids
+(`train_prior`), or a VAE's flow-matching latent prior on the training split's posteriors (`train_latent_flow`).
 
 The budget is a number of optimiser steps (`TrainConfig.prior_steps`), not epochs: epochs of a small store are a
 handful of steps, which left the prior undertrained. The learning rate decays on a cosine to 10% of `prior_lr`.
@@ -14,9 +15,11 @@ from tqdm.auto import tqdm
 
 from mrigen.train.config import TrainConfig
 
-__all__ = ["PriorResult", "drop_conditions", "encode_split", "train_prior"]
+__all__ = ["FLOW_EMA_DECAY", "PriorResult", "drop_conditions", "encode_posteriors", "encode_split", "train_latent_flow",
+           "train_prior"]
 
 REPORTS = 20  # points in the returned training-loss curve
+FLOW_EMA_DECAY = 0.999  # the flow prior samples with an exponential moving average of its weights
 
 
 class PriorResult(NamedTuple):
@@ -65,6 +68,12 @@ def _mean_nll(prior: torch.nn.Module, codes: torch.Tensor, batch: int, attrs: to
     return total / len(codes)
 
 
+def _cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate on a cosine from the optimiser's to 10% of it over `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig, *,
                 val_codes_from: torch.Tensor | None = None, progress: bool = True,
                 train_attrs: torch.Tensor | None = None, val_attrs: torch.Tensor | None = None) -> PriorResult:
@@ -88,8 +97,7 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
     prior = model.prior
     prior.train()
     optimizer = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, cfg.prior_steps) / cfg.prior_steps)))
+    schedule = _cosine(optimizer, cfg.prior_steps)
     batch = min(cfg.prior_batch_size, len(codes))
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000)
     every = max(1, cfg.prior_steps // REPORTS)
@@ -118,3 +126,90 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         val_nll = _mean_nll(prior, encode_split(model, val_codes_from, cfg.eval_batch_size), cfg.eval_batch_size,
                             val_attrs)
     return PriorResult(history, val_nll)
+
+
+@torch.no_grad()
+def encode_posteriors(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Posterior means and log-variances of every image under a VAE, in eval mode.
+
+    Args:
+        images: (N, 1, H, W) in [0, 1] on the model's device.
+
+    Returns:
+        (mu, logvar), each (N, *model.latent_shape).
+    """
+    was_training = model.training
+    model.eval()
+    parts = [model.encode(images[i:i + batch_size].float()) for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig, *,
+                      val_from: torch.Tensor | None = None, progress: bool = True) -> PriorResult:
+    """Train a VAE's flow prior (`model.latent_prior`, a FlowLatentPrior) on the posteriors of `train_x` for
+    `cfg.prior_steps` steps of `cfg.prior_batch_size` latents (seeded batches, cosine learning rate from
+    `cfg.prior_lr`), keep the exponential moving average of its weights (decay `FLOW_EMA_DECAY`, lower over the
+    first steps so that a short run does not average in its initial weights) and mark it trained.
+
+    Args:
+        model: a VAE with `latent_prior == "flow"` (its autoencoder is frozen here).
+        train_x: (N, 1, H, W) training images on the model's device.
+        cfg: prior_steps, prior_batch_size, prior_lr, seed, eval_batch_size.
+        val_from: optional held-out images (M, 1, H, W); their flow-matching loss under the final (EMA) weights is
+            reported (far above the training loss: the flow fitted the training latents, not the distribution).
+
+    Returns:
+        PriorResult whose "nll" fields hold the flow-matching loss (mean squared velocity error per entry).
+    """
+    if cfg.prior_steps < 1:
+        raise ValueError(f"prior_steps={cfg.prior_steps} must be >= 1 to train a prior")
+    device = train_x.device
+    flow = model.latent_prior
+    mu, logvar = encode_posteriors(model, train_x, cfg.eval_batch_size)
+    flow.set_standardisation(mu, logvar)
+    optimizer = torch.optim.Adam(flow.net.parameters(), lr=cfg.prior_lr)
+    schedule = _cosine(optimizer, cfg.prior_steps)
+    ema = [p.detach().clone() for p in flow.net.parameters()]
+    batch = min(cfg.prior_batch_size, len(mu))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 20_000)
+    every = max(1, cfg.prior_steps // REPORTS)
+    history: list[float] = []
+    total = torch.zeros((), device=device)
+    flow.train()
+    bar = tqdm(range(cfg.prior_steps), desc="train flow prior", unit="step", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, len(mu), (batch,), device=device, generator=gen)
+        loss = flow.loss(mu[idx], logvar[idx], gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(FLOW_EMA_DECAY, (1 + step) / (10 + step))        # warm-up: early weights fade fast
+            torch._foreach_lerp_(ema, [p.detach() for p in flow.net.parameters()], 1.0 - decay)
+        total += loss.detach()
+        if (step + 1) % every == 0 or step + 1 == cfg.prior_steps:        # one host sync per report
+            history.append(float(total / ((step % every) + 1)))
+            total.zero_()
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
+    with torch.no_grad():
+        for p, average in zip(flow.net.parameters(), ema):
+            p.copy_(average)
+    flow.eval()
+    flow.trained.fill_(True)
+    val_loss = None
+    if val_from is not None and len(val_from):
+        val_loss = _flow_loss(flow, *encode_posteriors(model, val_from, cfg.eval_batch_size), cfg.eval_batch_size,
+                              cfg.seed)
+    return PriorResult(history, val_loss)
+
+
+@torch.no_grad()
+def _flow_loss(flow: torch.nn.Module, mu: torch.Tensor, logvar: torch.Tensor, batch: int, seed: int) -> float:
+    gen = torch.Generator(device=mu.device).manual_seed(seed + 30_000)
+    total = 0.0
+    for i in range(0, len(mu), batch):
+        total += float(flow.loss(mu[i:i + batch], logvar[i:i + batch], gen)) * len(mu[i:i + batch])
+    return total / len(mu)
