@@ -45,6 +45,7 @@ fi
 fi
 if [ "${QUALITY:-0}" = 1 ]; then  # a second call (issues 10 and 11): 128 px quality and utility on the demo cohort
   # not yet run on a device (no GPU lent since these were written): the first run should check its timings
+  # (the VAE recipe now also trains its flow prior, 10,000 steps, after the autoencoder: not timed on a GPU either)
   echo "== quality at 128 px (bench/quality.py --mode gpu)"
   timeout 300 python3 bench/quality.py --mode gpu --work /tmp/bench-work --out "$OUT/quality" 2>>"$OUT/bench.err" \
     | tail -12
