@@ -158,7 +158,8 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
         train_x: (N, 1, H, W) training images on the model's device.
         cfg: prior_steps, prior_batch_size, prior_lr, seed, eval_batch_size.
         val_from: optional held-out images (M, 1, H, W); their flow-matching loss under the final (EMA) weights is
-            reported (far above the training loss: the flow fitted the training latents, not the distribution).
+            reported (one far above the training loss means the flow fitted the training latents, not the
+            distribution; measured on the demo cohort: 0.95-0.97 held-out vs 0.90-0.93 training).
 
     Returns:
         PriorResult whose "nll" fields hold the flow-matching loss (mean squared velocity error per entry).
