@@ -1,15 +1,17 @@
 """Augmentation-utility benchmark: the champion recipe's synthetic slices, four arms, every task, one table.
 
-Trains a VQ-VAE recipe on the demo store with bench/quality.py's budget for the mode: the conditional one
-(`--recipe conditional`, the default: experiments/configs/vqvae-conditional.yaml, conditioned on slice_pos /
-site / age / sex; synthetic slices are generated for the real label distribution and carry the requested labels)
-or the recommended unconditional one (`--recipe unconditional`: the probes label its samples), or takes `--model`
-(a saved model directory or a models:/ / runs:/ URI), then runs `mrigen.utility`'s protocol for
-each task on the demo store's held-out test subjects and prints the tables, a one-line summary per task and the
-issue's targets (F = 0.25: real + synthetic beats real only on `site` and `slice_pos` by more than the seed
-spread; TSTR >= 80% of real only).
+Trains a recipe on the demo store with bench/quality.py's budget for the mode: the conditional VQ-VAE
+(`--recipe conditional`, the default: experiments/configs/vqvae-conditional.yaml, conditioned on slice_pos / site /
+age / sex), the conditional flow-prior VAE (`--recipe vae-conditional`: experiments/configs/vae-conditional.yaml,
+conditioned on slice_pos and site) or the recommended unconditional VQ-VAE (`--recipe unconditional`: the probes
+label its samples), or takes `--model` (a saved model directory or a models:/ / runs:/ URI). A conditional model's
+synthetic slices are generated for the real label distribution and carry the requested labels. Then it runs
+`mrigen.utility`'s protocol for each task on the demo store's held-out test subjects and prints the tables, a
+one-line summary per task and the issue's targets (F = 0.25: real + synthetic beats real only on `site` and
+`slice_pos` by more than the seed spread; TSTR >= 80% of real only).
 
     python bench/utility.py --mode cpu                              # 64 px on the CPU (target <= 15 min)
+    python bench/utility.py --mode cpu --recipe vae-conditional     # the conditional flow-prior VAE
     python bench/utility.py --mode cpu --recipe unconditional       # probe-labelled samples instead
     python bench/utility.py --mode gpu                              # 128 px on CUDA
     python bench/utility.py --mode cpu --model bench-work/utility/model --task site
@@ -37,17 +39,19 @@ TARGET_TASKS = ("site", "slice_pos")
 TSTR_TARGET = 0.8
 
 
-RECIPES = ("conditional", "unconditional")
+# --recipe -> (family, experiments/configs/<family>-<name>.yaml)
+RECIPES = {"conditional": ("vqvae", "conditional"), "vae-conditional": ("vae", "conditional"),
+           "unconditional": ("vqvae", "recommended")}
 
 
 def train_recipe(store, mode: str, out: Path, epochs: int | None, prior_steps: int | None,
                  recipe: str = "conditional"):
-    """A VQ-VAE recipe with the mode's budget (no final evaluation: bench/quality.py measures quality):
-    experiments/configs/vqvae-conditional.yaml, or vqvae-recommended.yaml for "unconditional"."""
+    """A recipe of `RECIPES` with the mode's budget (no final evaluation: bench/quality.py measures quality)."""
     from mrigen.models import save_model
     from mrigen.train import train
 
-    model_cfg, train_cfg = recommended("vqvae", mode, "conditional" if recipe == "conditional" else "recommended")
+    family, name = RECIPES[recipe]
+    model_cfg, train_cfg = recommended(family, mode, name)
     overrides = {"epochs": epochs, "prior_steps": prior_steps, "final_eval": False}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = train(model_cfg, train_cfg, store, progress=False)
@@ -59,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: 64 px on CPU; gpu: 128 px on CUDA")
     p.add_argument("--model", help="a saved model directory or models:/ / runs:/ URI (default: train the recipe)")
-    p.add_argument("--recipe", choices=RECIPES, default="conditional",
-                   help="model to train when no --model is given (default conditional)")
+    p.add_argument("--recipe", choices=list(RECIPES), default="conditional",
+                   help="model to train when no --model is given: conditional VQ-VAE (default), conditional "
+                        "flow-prior VAE, unconditional VQ-VAE")
     p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default all four)")
     p.add_argument("--real-fraction", type=float, default=0.25)
     p.add_argument("--seeds", type=int, default=3)
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.model
     else:
         model = train_recipe(store, args.mode, args.out, args.epochs, args.prior_steps, args.recipe)
-        source = f"{args.recipe} VQ-VAE recipe trained here ({time.perf_counter() - t1:.0f} s), saved to {args.out / 'model'}"
+        source = f"{args.recipe} recipe trained here ({time.perf_counter() - t1:.0f} s), saved to {args.out / 'model'}"
     print(f"model: {source}", flush=True)
     fidelity = {}
     if getattr(model.config, "conditions", ()):

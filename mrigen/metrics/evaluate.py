@@ -61,9 +61,9 @@ def _samples(model: torch.nn.Module, n: int, size: int, batch_size: int, gen: to
 
 def _recon_attrs(model: torch.nn.Module, rows: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
     """Encoded attributes of the slices for a conditional VAE's `reconstruct` (its encoder and decoder take them);
-    None for other models (a VQ-VAE conditions only its prior)."""
+    None for other models (a VQ-VAE or a flow-prior VAE conditions only its prior)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or not getattr(cfg, "conditions", ()) or cfg.family != "vae":
+    if cfg is None or not getattr(cfg, "autoencoder_conditioned", False):
         return None
     from mrigen.models.condition import encode_rows
 

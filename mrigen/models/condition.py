@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["ATTRIBUTES", "BANK_ROWS", "SITES", "ConditionEmbedding", "ConditionRequest", "check_names",
-           "decode_rows", "encode_rows", "parse_condition"]
+           "decode_rows", "encode_rows", "hide_for_guidance", "parse_condition"]
 
 SITES = ("Guys", "HH", "IOP")  # IXI's sites; equal to mrigen.data.ixi.SITES (tested), not imported: models stay
                                # importable without the data stack
@@ -94,6 +94,21 @@ def decode_rows(names: Sequence[str], attrs: torch.Tensor) -> list[dict[str, Any
                 row[name] = round(v, 4)
         rows.append(row)
     return rows
+
+
+def hide_for_guidance(names: Sequence[str], attrs: torch.Tensor, guidance_on: Sequence[str]) -> torch.Tensor:
+    """The "hidden" rows of classifier-free guidance: `attrs` `(n, A)` with the `guidance_on` attributes (all of
+    `names` when empty) set to unknown (NaN), a copy.
+
+    Raises:
+        ValueError: `guidance_on` names an attribute not in `names` (naming the ones the model knows).
+    """
+    stray = [a for a in guidance_on if a not in names]
+    if stray:
+        raise ValueError(f"guidance_on names {stray}, which this prior is not conditioned on; it knows {list(names)}")
+    hidden = attrs.clone()
+    hidden[:, [list(names).index(a) for a in (guidance_on or names)]] = float("nan")
+    return hidden
 
 
 class ConditionRequest:

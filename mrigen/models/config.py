@@ -56,10 +56,18 @@ class ModelConfig:
     prior_layers: int = 4  # VQ-VAE code prior: transformer blocks
     sample_temperature: float = 1.0  # VQ-VAE sampling: prior logits divided by this (< 1 sharper, > 1 more varied)
     sample_top_k: int = 0  # VQ-VAE sampling: keep only the k most likely codes per position; 0 = all
-    sample_guidance: float = 1.0  # conditional VQ-VAE sampling: classifier-free guidance weight (>= 1; 1 = off)
+    sample_guidance: float = 1.0  # conditional VQ-VAE / flow-VAE sampling: classifier-free guidance (>= 1; 1 = off)
     sample_guidance_on: tuple[str, ...] = ()  # attributes guidance strengthens (a subset of conditions); () = all
-    conditions: tuple[str, ...] = ()  # attributes to condition on (slice_pos, site, age, sex); () = unconditional
+    conditions: tuple[str, ...] = ()  # attributes to condition on (slice_pos, site, age, sex); () = unconditional.
+    #                                   VAE: FiLM in encoder and decoder, or with latent_prior="flow" the flow alone;
+    #                                   VQ-VAE: the code prior alone
     condition_dim: int = 64  # VAE: width of the condition embedding fed to FiLM (VQ-VAE prior: prior_channels)
+
+    @property
+    def autoencoder_conditioned(self) -> bool:
+        """Whether the encoder / decoder take the attributes (a conditional VAE without the flow prior); otherwise
+        only the prior reads them (VQ-VAE, flow-prior VAE) and reconstruction needs none."""
+        return bool(self.conditions) and self.family == "vae" and self.latent_prior != "flow"
 
     def __post_init__(self) -> None:
         # JSON / YAML give lists; keep the dataclass hashable
@@ -139,9 +147,6 @@ class ModelConfig:
                 raise ValueError(f"latent_prior='flow' is a convolutional prior over a latent grid: it needs "
                                  f"latent='spatial' and an even grid of at least 2x2 (got latent={self.latent!r}, "
                                  f"grid {self.grid_size}x{self.grid_size})")
-            if self.conditions:
-                raise ValueError(f"latent_prior='flow' is unconditional: it cannot be combined with conditions="
-                                 f"{list(self.conditions)!r} (use a conditional VQ-VAE for targeted sampling)")
         if self.latent_prior == "fitted" and self.latent_entries > MAX_FITTED_LATENT:
             gib = self.latent_entries**2 * 8 / 2**30
             raise ValueError(

@@ -21,8 +21,14 @@ flow after 4,000 steps of 64 latents 5.9 at learning rate 2e-4, 1.7 at 1e-3, 1.2
 flagged as a copy; trained on the posterior means alone instead of draws, 2.0. A 64-wide flow at 2e-4 learned
 slower still (11.5 after 2,000 steps).
 
-Training (the budget, EMA of the weights) lives in mrigen.train.prior; this module holds the network, the
-per-channel standardisation and the sampler. Whether a trained flow copies training slices is what the copy
+Conditioning (`conditions`): a conditional flow learns p(z | attributes). The attributes' embedding
+(mrigen.models.condition, its learned "unknown" vectors included) is added to the time embedding, as class labels
+enter diffusion U-Nets (Dhariwal & Nichol, 2021); the autoencoder stays unconditional, as a VQ-VAE's does. With
+condition dropout in training, sampling can apply classifier-free guidance (Ho & Salimans, 2021) to the velocity:
+v_hidden + w * (v_conditioned - v_hidden).
+
+Training (the budget, EMA of the weights, condition dropout) lives in mrigen.train.prior; this module holds the
+network, the per-channel standardisation and the sampler. Whether a trained flow copies training slices is what the copy
 detector (`memorised` in evaluate) is for.
 """
 
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrigen.models.blocks import make_norm
+from mrigen.models.condition import ConditionEmbedding, hide_for_guidance
 
 __all__ = ["FlowLatentPrior", "VelocityNet"]
 
@@ -65,21 +72,25 @@ class _TimeResBlock(nn.Module):
 
 
 class VelocityNet(nn.Module):
-    """v(x_t, t): a two-level U-Net over a latent grid (two residual blocks at the grid's resolution, two at half
-    of it with twice the width, one skip connection).
+    """v(x_t, t[, attributes]): a two-level U-Net over a latent grid (two residual blocks at the grid's resolution,
+    two at half of it with twice the width, one skip connection).
 
     Args:
         channels: latent channels D.
         width: feature maps at the full resolution (a multiple of 8).
+        conditions: attribute names of a conditional flow (their embedding is added to the time embedding);
+            empty: unconditional.
 
-    Shapes: x `(B, D, h, w)` with h, w even, t `(B,)` in [0, 1] -> `(B, D, h, w)`.
+    Shapes: x `(B, D, h, w)` with h, w even, t `(B,)` in [0, 1], attrs `(B, A)` encoded (NaN = unknown; None: all
+    unknown; unconditional nets take none) -> `(B, D, h, w)`.
     """
 
-    def __init__(self, channels: int, width: int = 64) -> None:
+    def __init__(self, channels: int, width: int = 64, conditions: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.width = width
         tdim = 4 * width
         self.time = nn.Sequential(nn.Linear(width, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.condition = ConditionEmbedding(conditions, tdim) if conditions else None
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.high = nn.ModuleList([_TimeResBlock(width, width, tdim), _TimeResBlock(width, width, tdim)])
         self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
@@ -90,8 +101,14 @@ class VelocityNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)        # starts as v = 0: the flow begins as the identity map
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, attrs: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time(time_embedding(t, self.width))
+        if self.condition is not None:
+            if attrs is None:
+                attrs = torch.full((x.shape[0], len(self.condition.names)), float("nan"), device=x.device)
+            emb = emb + self.condition(attrs.to(x.device))
+        elif attrs is not None:
+            raise ValueError("attributes were given to an unconditional flow")
         h = self.inp(x)
         for block in self.high:
             h = block(h, emb)
@@ -112,16 +129,18 @@ class FlowLatentPrior(nn.Module):
         latent_shape: `(D, h, w)`, h and w even.
         width: the velocity network's width (see `VelocityNet`).
         ode_steps: Heun steps from noise to a latent when sampling (2 network calls each).
+        conditions: attribute names of a conditional flow (see `VelocityNet`); empty: unconditional.
     """
 
-    def __init__(self, latent_shape: tuple[int, int, int], width: int = 64, ode_steps: int = 25) -> None:
+    def __init__(self, latent_shape: tuple[int, int, int], width: int = 64, ode_steps: int = 25,
+                 conditions: tuple[str, ...] = ()) -> None:
         super().__init__()
         d, h, w = latent_shape
         if h % 2 or w % 2:
             raise ValueError(f"the flow prior needs an even latent grid, got {h}x{w}")
         self.latent_shape = tuple(latent_shape)
         self.ode_steps = ode_steps
-        self.net = VelocityNet(d, width)
+        self.net = VelocityNet(d, width, tuple(conditions))
         self.register_buffer("mean", torch.zeros(d, 1, 1))
         self.register_buffer("std", torch.ones(d, 1, 1))
         self.register_buffer("trained", torch.tensor(False))
@@ -139,36 +158,68 @@ class FlowLatentPrior(nn.Module):
         if z.ndim != 4 or tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(f"{name} must be (N, {', '.join(map(str, self.latent_shape))}), got {tuple(z.shape)}")
 
-    def loss(self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    @property
+    def condition(self) -> ConditionEmbedding | None:
+        """The attributes' embedding of a conditional flow (with the bank of training rows); None otherwise."""
+        return self.net.condition
+
+    def loss(self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+             attrs: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss (mean squared velocity error) on one batch of posteriors `(B, D, h, w)` each:
-        z1 = mu + sigma * eps, standardised; t ~ U(0, 1); z0 ~ N(0, I). A scalar."""
+        z1 = mu + sigma * eps, standardised; t ~ U(0, 1); z0 ~ N(0, I); `attrs` `(B, A)` the encoded attributes of
+        a conditional flow (NaN = unknown). A scalar."""
         self._check(mu, "mu")
         noise = torch.randn((2, *mu.shape), device=mu.device, generator=generator)
         z1 = (mu + noise[0] * torch.exp(0.5 * logvar) - self.mean) / self.std
         t = torch.rand(mu.shape[0], device=mu.device, generator=generator)
         xt = torch.lerp(noise[1], z1, t[:, None, None, None])
-        return F.mse_loss(self.net(xt, t), z1 - noise[1])
+        return F.mse_loss(self.net(xt, t, attrs), z1 - noise[1])
 
     @torch.no_grad()
-    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(self, n: int, generator: torch.Generator | None = None, attrs: torch.Tensor | None = None,
+             guidance: float = 1.0, guidance_on: tuple[str, ...] = ()) -> torch.Tensor:
         """n latents `(n, D, h, w)` on the prior's device (the starting noise drawn on the generator's device).
+
+        Args:
+            attrs: `(n, A)` encoded attributes of a conditional flow (None: all unknown).
+            guidance: classifier-free guidance weight w >= 1 given `attrs`: the velocity is v_hidden + w *
+                (v_conditioned - v_hidden), "hidden" being `attrs` with the `guidance_on` attributes unknown
+                (() = all). 1 = the conditioned velocity alone (one pass per evaluation, not two).
 
         Raises:
             RuntimeError: if the prior was never trained.
+            ValueError: attributes for an unconditional flow, a guidance below 1, or `guidance_on` naming an
+                attribute the flow was not trained on.
         """
         if not bool(self.trained):
             raise RuntimeError("this VAE's flow prior (model.latent_prior='flow') has not been trained: train the "
                                "model to the end (train.prior_steps > 0)")
+        if not guidance >= 1.0:
+            raise ValueError(f"guidance={guidance!r} must be >= 1 (1 = no guidance)")
+        if attrs is not None and self.condition is None:
+            raise ValueError("attributes were given to an unconditional flow")
         device = self.mean.device
         noise_device = generator.device if generator is not None else device
         x = torch.randn((n, *self.latent_shape), generator=generator, device=noise_device).to(device)
+        guided = attrs is not None and guidance != 1.0
+        if attrs is not None:
+            attrs = attrs.to(device)
+            if guided:                                      # rows n.. see the guided attributes as unknown
+                attrs = torch.cat([attrs, hide_for_guidance(self.condition.names, attrs, guidance_on)])
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return self.net(x, t, attrs)
+            cond, hidden = self.net(x.repeat(2, 1, 1, 1), t.repeat(2), attrs).chunk(2)
+            return hidden + guidance * (cond - hidden)
+
         was_training = self.net.training
         self.net.eval()
         dt = 1.0 / self.ode_steps
         for i in range(self.ode_steps):                                      # Heun: predictor + trapezoid corrector
             t0 = torch.full((n,), i * dt, device=device)
-            v0 = self.net(x, t0)
-            v1 = self.net(x + dt * v0, t0 + dt)
+            v0 = velocity(x, t0)
+            v1 = velocity(x + dt * v0, t0 + dt)
             x = x + 0.5 * dt * (v0 + v1)
         self.net.train(was_training)
         return x * self.std + self.mean

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrigen.models.condition import ConditionEmbedding
+from mrigen.models.condition import ConditionEmbedding, hide_for_guidance
 
 __all__ = ["CodePrior", "gumbel_noise"]
 
@@ -164,13 +164,7 @@ class CodePrior(nn.Module):
         c = self._embed(attrs, n, device)
         guided = c is not None and attrs is not None and guidance != 1.0
         if guided:                                   # rows n.. of the batch see the guided attributes as unknown
-            names = self.condition.names
-            unknown = [a for a in guidance_on if a not in names]
-            if unknown:
-                raise ValueError(f"guidance_on names {unknown}, which this prior is not conditioned on; it knows "
-                                 f"{list(names)}")
-            hidden = attrs.clone().to(device)
-            hidden[:, [names.index(a) for a in (guidance_on or names)]] = float("nan")
+            hidden = hide_for_guidance(self.condition.names, attrs.to(device), guidance_on)
             c = torch.cat([c, self._embed(hidden, n, device)])
         token = torch.full((2 * n if guided else n, 1), self.num_codes, dtype=torch.long, device=device)
         cache = self.empty_cache()

@@ -15,7 +15,9 @@ statistics too.
 Conditioning (`cfg.conditions`): the attributes `(B, A)` (see mrigen.models.condition) become one vector that
 modulates every encoder and decoder norm layer (FiLM), so z is free to hold what the attributes do not say and
 sampling decodes z ~ N(0, I) under the requested attributes. Without attributes a conditional model uses its
-learned "unknown" vectors.
+learned "unknown" vectors. Measured, that decoder ignores the request: z already holds the whole slice (bench/
+RESULTS.md, session 8). With the flow prior the autoencoder stays unconditional and the flow reads the attributes
+instead, drawing z for the requested slice (`FlowLatentPrior`; `cfg.sample_guidance` applies).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class VAE(nn.Module):
         if cfg.latent_prior == "fitted":
             self.latent_prior = GaussianLatentPrior(math.prod(self.latent_shape), cfg.latent_prior_components)
         elif cfg.latent_prior == "flow":
-            self.latent_prior = FlowLatentPrior(self.latent_shape, cfg.flow_width, cfg.flow_steps)
+            self.latent_prior = FlowLatentPrior(self.latent_shape, cfg.flow_width, cfg.flow_steps, cfg.conditions)
         # learned decoder scale of the sigma-VAE (train.sigma="learned"): log of the per-pixel std / Laplace scale
         self.log_sigma = nn.Parameter(torch.zeros(()))
         bns = self._decoder_batchnorms()
@@ -91,7 +93,7 @@ class VAE(nn.Module):
         self.condition: ConditionEmbedding | None = None
         self.enc_film: FiLM | None = None
         self.dec_film: FiLM | None = None
-        if cfg.conditions:
+        if cfg.autoencoder_conditioned:           # (with a flow prior only the flow reads the attributes)
             self.condition = ConditionEmbedding(cfg.conditions, cfg.condition_dim)
             self.enc_film = FiLM(cfg.condition_dim, norm_widths(self.encoder))
             self.dec_film = FiLM(cfg.condition_dim, norm_widths(self.decoder))
@@ -189,7 +191,10 @@ class VAE(nn.Module):
 
     @property
     def condition_embedding(self) -> ConditionEmbedding | None:
-        """The model's attribute embedding (with its bank of training rows); None if unconditional."""
+        """The model's attribute embedding (with its bank of training rows): the encoder / decoder's, or the flow
+        prior's; None if unconditional."""
+        if isinstance(self.latent_prior, FlowLatentPrior):
+            return self.latent_prior.condition
         return self.condition
 
     def reconstruct(self, x: torch.Tensor, attrs: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,15 +235,21 @@ class VAE(nn.Module):
         """
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
-        if conditions is not None and self.condition is None:
+        emb = self.condition_embedding
+        if conditions is not None and emb is None:
             raise ValueError("conditions were given but this model is unconditional (model.conditions is empty)")
         device = next(self.parameters()).device
         noise_device = generator.device if generator is not None else device
-        attrs = None if self.condition is None else self.condition.resolve(n, conditions, generator).to(device)
+        attrs = None if emb is None else emb.resolve(n, conditions, generator).to(device)
         with eval_mode(self):
             if self.latent_prior is None:
                 z = torch.randn((n, *self.latent_shape), generator=generator, device=noise_device).to(device)
                 return self.decode(z, attrs)
-            z = self.latent_prior.draw(n, generator).reshape(n, *self.latent_shape)   # fitted mixture or flow
+            if isinstance(self.latent_prior, FlowLatentPrior):      # the flow reads the attributes, the decoder not
+                z = self.latent_prior.draw(n, generator, attrs=attrs, guidance=self.config.sample_guidance,
+                                           guidance_on=self.config.sample_guidance_on)
+                attrs = None
+            else:
+                z = self.latent_prior.draw(n, generator).reshape(n, *self.latent_shape)   # the fitted mixture
             with self._mean_path_statistics():
                 return self.decode(z, attrs)

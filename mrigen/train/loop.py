@@ -198,7 +198,7 @@ def _grids(model: torch.nn.Module, val_x: torch.Tensor, tcfg: TrainConfig, can_s
     idx = torch.linspace(0, len(val_x) - 1, min(tcfg.grid_n, len(val_x)), device=device).long()
     real = val_x[idx].float()
     attrs = None if val_attrs is None else val_attrs[idx]
-    recon = model.reconstruct(real, attrs) if attrs is not None and model.config.family == "vae" \
+    recon = model.reconstruct(real, attrs) if attrs is not None and model.config.autoencoder_conditioned \
         else model.reconstruct(real)
     grids = {"reconstruction": make_grid([real, recon])}
     if can_sample:
@@ -304,8 +304,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
     if len(val_x) == 0:
         raise ValueError(f"the store {store.path} has no validation slices")
     train_attrs, val_attrs = _attributes(model, model_cfg, store, train_cfg.seed, device)
-    ae_attrs = train_attrs if model_cfg.family == "vae" else None     # the VQ-VAE conditions only its prior
-    ae_val_attrs = val_attrs if model_cfg.family == "vae" else None
+    ae_attrs = train_attrs if model_cfg.autoencoder_conditioned else None     # else only the prior reads them
+    ae_val_attrs = val_attrs if model_cfg.autoencoder_conditioned else None
     train_groups = _subject_ids(store, len(train_x)) if getattr(model, "latent_prior", None) is not None else None
     opt_cls = torch.optim.AdamW if train_cfg.weight_decay > 0 else torch.optim.Adam
     kwargs = {"fused": True} if device.type == "cuda" else {}
@@ -421,7 +421,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             result.extra["prior_loss"] = prior.train_nll
             result.extra["prior_val_nll"] = prior.val_nll
         if model_cfg.latent_prior == "flow" and not result.stopped_early and train_cfg.prior_steps > 0:
-            flow = train_latent_flow(model, train_x, train_cfg, val_from=val_x, progress=progress)
+            flow = train_latent_flow(model, train_x, train_cfg, val_from=val_x, progress=progress,
+                                     train_attrs=train_attrs, val_attrs=val_attrs)
             result.extra["flow_loss"] = flow.train_nll
             result.extra["flow_val_loss"] = flow.val_nll
         model.eval()

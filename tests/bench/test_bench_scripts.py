@@ -81,6 +81,20 @@ def test_recommended_configs_build_for_every_mode(family, mode):
     assert train_cfg.final_eval and model_cfg.grid_size in (8, 16)
 
 
+@pytest.mark.parametrize("recipe", ["conditional", "vae-conditional", "unconditional"])
+def test_utility_recipes_build_and_the_conditional_ones_condition_only_their_prior(recipe):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+        import utility
+    finally:
+        sys.path.remove(str(BENCH))
+    family, name = utility.RECIPES[recipe]
+    model_cfg, _ = quality.recommended(family, "cpu", name)
+    assert model_cfg.family == family
+    assert bool(model_cfg.conditions) == (recipe != "unconditional") and not model_cfg.autoencoder_conditioned
+
+
 def test_metric_sensitivity_scores_every_degradation(tmp_path):
     from mrigen.data import build_demo_store
     from mrigen.metrics.pretext import DEGRADATIONS

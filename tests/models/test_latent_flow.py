@@ -80,12 +80,71 @@ def test_a_trained_flow_draws_the_structure_of_its_training_latents():
     assert float(a.mean()) == pytest.approx(2.0, abs=0.3) and float(a.mean(1).std()) == pytest.approx(1.5, rel=0.2)
 
 
-def test_the_flow_prior_needs_a_spatial_unconditional_latent():
+class _PositionEncoder(nn.Module):
+    """A stand-in VAE whose posterior mean is 4 * slice_pos - 2 at every entry (plus noise of sd 0.1): what the
+    latent of a slice is, given its position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent_prior = FlowLatentPrior(SHAPE, width=16, ode_steps=20, conditions=("slice_pos", "site"))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = x.expand(-1, 2, -1, -1)
+        return mu, torch.full_like(mu, -9.0)
+
+
+def _positions(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n, 1, 4, 4), encoded attributes (n, 2): slice_pos uniform, site random and irrelevant)."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.rand(n, generator=gen)
+    images = (4 * pos - 2).reshape(n, 1, 1, 1) + 0.1 * torch.randn(n, 1, 4, 4, generator=gen)
+    return images, torch.stack([pos, torch.randint(0, 3, (n,), generator=gen).float()], dim=1)
+
+
+def test_a_conditional_flow_draws_the_latents_of_the_requested_position():
+    """Trained with condition dropout, the flow draws latents at the requested position's level (a broken
+    conditioning draws the whole spread, sd 1.15, whatever is asked); with the position unknown it draws the
+    whole spread; guidance pushes the draws further from the unconditioned ones (the extrapolation of classifier-free
+    guidance) and w = 1 is the unguided sampler exactly."""
+    model = _PositionEncoder()
+    cfg = TrainConfig(prior_steps=600, prior_batch_size=64, prior_lr=3e-3, eval_batch_size=256, seed=0,
+                      condition_dropout=0.2)
+    torch.manual_seed(0)
+    images, attrs = _positions(1024, 0)
+    val_images, val_attrs = _positions(256, 1)
+    result = train_latent_flow(model, images, cfg, val_from=val_images, progress=False, train_attrs=attrs,
+                               val_attrs=val_attrs)
+    assert result.val_nll is not None and result.val_nll < 2 * result.train_nll[-1]
+    flow = model.latent_prior
+
+    def draw(pos: float, **kw) -> torch.Tensor:
+        asked = torch.tensor([[pos, 1.0]]).repeat(300, 1)
+        return flow.draw(300, torch.Generator().manual_seed(2), attrs=asked, **kw).mean(dim=(1, 2, 3))
+
+    low, high = draw(0.1), draw(0.9)
+    assert float(low.mean()) == pytest.approx(-1.6, abs=0.3) and float(high.mean()) == pytest.approx(1.6, abs=0.3)
+    assert float(low.std()) < 0.5 and float(high.std()) < 0.5
+    hidden = flow.draw(300, torch.Generator().manual_seed(2), attrs=torch.tensor([[float("nan"), 1.0]]).repeat(300, 1))
+    assert float(hidden.mean(dim=(1, 2, 3)).std()) > 0.8                       # position unknown: any level
+    guided = draw(0.1, guidance=2.0, guidance_on=("slice_pos",))
+    assert float(guided.mean()) < float(low.mean()) - 0.1                      # away from the unconditioned mean 0
+    assert torch.equal(draw(0.5), draw(0.5, guidance=1.0))
+    with pytest.raises(ValueError, match="guidance"):
+        draw(0.5, guidance=0.5)
+    with pytest.raises(ValueError, match="age"):
+        draw(0.5, guidance=2.0, guidance_on=("age",))
+    with pytest.raises(ValueError, match="unconditional flow"):
+        FlowLatentPrior(SHAPE, width=8).net(torch.zeros(1, *SHAPE), torch.zeros(1), attrs)
+
+
+def test_the_flow_prior_needs_a_spatial_latent_and_conditions_only_itself():
     with pytest.raises(ValueError, match="latent='spatial'"):
         ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent="dense", latent_prior="flow")
-    with pytest.raises(ValueError, match="unconditional"):
-        ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent="spatial", latent_prior="flow",
-                    conditions=("site",))
+    flow = ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent="spatial", latent_prior="flow",
+                       conditions=("site",))
+    assert not flow.autoencoder_conditioned                    # the flow reads the attributes, not the decoder
+    assert ModelConfig(conditions=("site",)).autoencoder_conditioned       # a dense VAE: FiLM
+    assert not ModelConfig(family="vqvae", latent="spatial", conditions=("site",)).autoencoder_conditioned
     with pytest.raises(ValueError, match="flow_width"):
         ModelConfig(image_size=32, blocks=3, channels=(8, 16, 32), latent="spatial", latent_prior="flow",
                     flow_width=12)
