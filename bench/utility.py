@@ -1,17 +1,17 @@
 """Augmentation-utility benchmark: the champion recipe's synthetic slices, four arms, every task, one table.
 
-Trains a recipe on the demo store with bench/quality.py's budget for the mode: the conditional VQ-VAE
-(`--recipe conditional`, the default: experiments/configs/vqvae-conditional.yaml, conditioned on slice_pos / site /
-age / sex), the conditional flow-prior VAE (`--recipe vae-conditional`: experiments/configs/vae-conditional.yaml,
-conditioned on slice_pos and site) or the recommended unconditional VQ-VAE (`--recipe unconditional`: the probes
-label its samples), or takes `--model` (a saved model directory or a models:/ / runs:/ URI). A conditional model's
-synthetic slices are generated for the real label distribution and carry the requested labels. Then it runs
-`mrigen.utility`'s protocol for each task on the demo store's held-out test subjects and prints the tables, a
-one-line summary per task and the issue's targets (F = 0.25: real + synthetic beats real only on `site` and
-`slice_pos` by more than the seed spread; TSTR >= 80% of real only).
+Trains a recipe on the demo store with bench/quality.py's budget for the mode: the conditional flow-prior VAE
+(`--recipe vae-conditional`, the default: experiments/configs/vae-conditional.yaml, conditioned on slice_pos and
+site), the conditional VQ-VAE (`--recipe conditional`: experiments/configs/vqvae-conditional.yaml, conditioned on
+slice_pos / site / age / sex) or the recommended unconditional VQ-VAE (`--recipe unconditional`: the probes label
+its samples), or takes `--model` (a saved model directory or a models:/ / runs:/ URI). A conditional model's
+synthetic slices are generated for the real label distribution and carry the requested labels; one synthetic set
+serves every task. Then it runs `mrigen.utility`'s protocol for each task on the demo store's held-out test
+subjects and prints the tables, a one-line summary per task and the issue's targets (F = 0.25: real + synthetic
+beats real only on `site` and `slice_pos` by more than the seed spread; TSTR >= 80% of real only).
 
     python bench/utility.py --mode cpu                              # 64 px on the CPU (target <= 15 min)
-    python bench/utility.py --mode cpu --recipe vae-conditional     # the conditional flow-prior VAE
+    python bench/utility.py --mode cpu --recipe conditional         # the conditional VQ-VAE
     python bench/utility.py --mode cpu --recipe unconditional       # probe-labelled samples instead
     python bench/utility.py --mode gpu                              # 128 px on CUDA
     python bench/utility.py --mode cpu --model bench-work/utility/model --task site
@@ -40,19 +40,20 @@ TSTR_TARGET = 0.8
 
 
 # --recipe -> (family, experiments/configs/<family>-<name>.yaml)
-RECIPES = {"conditional": ("vqvae", "conditional"), "vae-conditional": ("vae", "conditional"),
+RECIPES = {"vae-conditional": ("vae", "conditional"), "conditional": ("vqvae", "conditional"),
            "unconditional": ("vqvae", "recommended")}
 
 
 def train_recipe(store, mode: str, out: Path, epochs: int | None, prior_steps: int | None,
-                 recipe: str = "conditional"):
-    """A recipe of `RECIPES` with the mode's budget (no final evaluation: bench/quality.py measures quality)."""
+                 recipe: str = "vae-conditional", seed: int | None = None):
+    """A recipe of `RECIPES` with the mode's budget (no final evaluation: bench/quality.py measures quality);
+    `seed` overrides the recipe's training seed."""
     from mrigen.models import save_model
     from mrigen.train import train
 
     family, name = RECIPES[recipe]
     model_cfg, train_cfg = recommended(family, mode, name)
-    overrides = {"epochs": epochs, "prior_steps": prior_steps, "final_eval": False}
+    overrides = {"epochs": epochs, "prior_steps": prior_steps, "final_eval": False, "seed": seed}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = train(model_cfg, train_cfg, store, progress=False)
     save_model(result.model, out / "model")
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: 64 px on CPU; gpu: 128 px on CUDA")
     p.add_argument("--model", help="a saved model directory or models:/ / runs:/ URI (default: train the recipe)")
-    p.add_argument("--recipe", choices=list(RECIPES), default="conditional",
-                   help="model to train when no --model is given: conditional VQ-VAE (default), conditional "
-                        "flow-prior VAE, unconditional VQ-VAE")
+    p.add_argument("--recipe", choices=list(RECIPES), default="vae-conditional",
+                   help="model to train when no --model is given: conditional flow-prior VAE (default), "
+                        "conditional VQ-VAE, unconditional VQ-VAE")
     p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default all four)")
     p.add_argument("--real-fraction", type=float, default=0.25)
     p.add_argument("--seeds", type=int, default=3)
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-work/utility"), help="model, tables, plots, results.json")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (smoke runs)")
     p.add_argument("--prior-steps", type=int, help="override the recipe's prior steps (smoke runs)")
+    p.add_argument("--train-seed", type=int,
+                   help="the recipe's training seed (default the recipe's, 0): another generator, the same protocol")
     p.add_argument("--tracking-uri", help="for a models:/ or runs:/ --model")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         model = resolve_model(args.model, tracking_uri=args.tracking_uri, device=mode["device"]).model
         source = args.model
     else:
-        model = train_recipe(store, args.mode, args.out, args.epochs, args.prior_steps, args.recipe)
+        model = train_recipe(store, args.mode, args.out, args.epochs, args.prior_steps, args.recipe, args.train_seed)
         source = f"{args.recipe} recipe trained here ({time.perf_counter() - t1:.0f} s), saved to {args.out / 'model'}"
     print(f"model: {source}", flush=True)
     fidelity = {}
@@ -113,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # the downstream CNN's small tensors: one thread is faster (training above: all)
     counts = tuple(sorted({int(c) for c in args.synthetic.split(",")}))
     rows, tables = {}, []
+    cache: dict = {}                       # one synthetic set for every task: generated once, relabelled per task
     for task in args.task or list(TASKS):
         cfg = UtilityConfig(task=task, real_fraction=args.real_fraction, seeds=args.seeds, synthetic=counts,
                             **({"steps": args.steps} if args.steps else {}))
-        result = run_utility(model, store, cfg, device=mode["device"], progress=True)
+        result = run_utility(model, store, cfg, device=mode["device"], progress=True, synthetic_cache=cache)
         tables.append(table(result, f"{args.mode}, {mode['size']} px"))
         plot(result, args.out / f"utility_{task}.png")
         rows[task] = dict(summary(result), wall_s=result.wall_s)

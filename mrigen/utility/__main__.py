@@ -118,20 +118,23 @@ def _run(args: argparse.Namespace, cfgs: list[UtilityConfig]) -> int:
         get_task(cfg.task, store.slices("train"), f"store {store.path}")
     device = next(model.parameters()).device
     where = f"{resolved.name} v{resolved.version}" if resolved.name else resolved.uri
+    cache: dict = {}                                # the tasks share one synthetic set (same model, store, seed)
     for i, cfg in enumerate(cfgs):
         if i:
             print()
-        _task(args, cfg, model, store, device, resolved, where)
+        _task(args, cfg, model, store, device, resolved, where, cache)
     return 0
 
 
-def _task(args: argparse.Namespace, cfg: UtilityConfig, model, store, device, resolved, where: str) -> None:
-    """One task: run the protocol, print its table, write --out files, log to MLflow unless --no-log."""
+def _task(args: argparse.Namespace, cfg: UtilityConfig, model, store, device, resolved, where: str,
+          cache: dict) -> None:
+    """One task: run the protocol, print its table, write --out files, log to MLflow unless --no-log; `cache`
+    carries the synthetic slices from one task to the next (`run_utility`'s synthetic_cache)."""
     from .report import plot, summary, table
     from .runner import run_utility
     from .tracking import log_utility
 
-    result = run_utility(model, store, cfg, device=device, progress=not args.quiet)
+    result = run_utility(model, store, cfg, device=device, progress=not args.quiet, synthetic_cache=cache)
     print(table(result, where))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

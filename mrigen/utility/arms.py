@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from mrigen.generate import batch_seed
 
-__all__ = ["SyntheticSet", "classic_augment", "model_conditions", "real_subset", "synthetic_set"]
+__all__ = ["SyntheticSet", "classic_augment", "generate_synthetic", "model_conditions", "real_subset",
+           "synthetic_set"]
 
 
 def real_subset(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -76,24 +77,14 @@ class SyntheticSet:
 
 
 @torch.no_grad()
-def synthetic_set(model: torch.nn.Module, n: int, *, task: str, pool: list[dict[str, Any]], probes, seed: int,
-                  batch_size: int = 128, device: torch.device | str = "cpu") -> SyntheticSet:
-    """Generate `n` labelled slices.
+def generate_synthetic(model: torch.nn.Module, n: int, *, pool: list[dict[str, Any]], seed: int,
+                       batch_size: int = 128, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Generate `n` slices: `(images (n, 1, H, W) in [0, 1] on `device`, the rows requested of a conditional model
+    (empty for an unconditional one))`. The draws depend only on the model, `pool`, `seed` and `batch_size`, not
+    on a task: several tasks can share one set (`run_utility(..., synthetic_cache=)`).
 
-    Args:
-        model: the generator (eval mode is set); `sample(b, generator=g)` or, when conditioned,
-            `sample(b, generator=g, conditions=rows)`.
-        n: slice count.
-        task: the attribute to label.
-        pool: rows to draw requested conditions from (the real subset: matches its label distribution).
-        probes: `mrigen.metrics.probe.Probes` (labels an unconditioned attribute).
-        seed: batch k draws its noise from `batch_seed(seed, k)` (as `mrigen.generate` does) and its conditions
-            from a generator seeded by `seed`.
-        batch_size: slices per `sample` call.
-        device: where the slices are kept.
-
-    Returns:
-        SyntheticSet; `label_source` says whether the task label was requested or read back by the probe.
+    Args: as `synthetic_set`.
     """
     model.eval()
     conditions = model_conditions(model)
@@ -113,7 +104,33 @@ def synthetic_set(model: torch.nn.Module, n: int, *, task: str, pool: list[dict[
         if not torch.isfinite(x).all():
             raise ValueError("the model generated non-finite values (did it diverge?)")
         images.append(x.float().clamp(0, 1).to(device))
-    x = torch.cat(images)
-    if task in conditions:
+    return torch.cat(images), requested
+
+
+@torch.no_grad()
+def synthetic_set(model: torch.nn.Module, n: int, *, task: str, pool: list[dict[str, Any]], probes, seed: int,
+                  batch_size: int = 128, device: torch.device | str = "cpu",
+                  generated: tuple[torch.Tensor, list[dict[str, Any]]] | None = None) -> SyntheticSet:
+    """Generate `n` labelled slices.
+
+    Args:
+        model: the generator (eval mode is set); `sample(b, generator=g)` or, when conditioned,
+            `sample(b, generator=g, conditions=rows)`.
+        n: slice count.
+        task: the attribute to label.
+        pool: rows to draw requested conditions from (the real subset: matches its label distribution).
+        probes: `mrigen.metrics.probe.Probes` (labels an unconditioned attribute).
+        seed: batch k draws its noise from `batch_seed(seed, k)` (as `mrigen.generate` does) and its conditions
+            from a generator seeded by `seed`.
+        batch_size: slices per `sample` call.
+        device: where the slices are kept.
+        generated: what `generate_synthetic` returned for the same arguments (labels them instead of generating).
+
+    Returns:
+        SyntheticSet; `label_source` says whether the task label was requested or read back by the probe.
+    """
+    x, requested = generated if generated is not None else generate_synthetic(
+        model, n, pool=pool, seed=seed, batch_size=batch_size, device=device)
+    if task in model_conditions(model):
         return SyntheticSet(x, requested, "requested")
     return SyntheticSet(x, probes.labels(x), "probe")

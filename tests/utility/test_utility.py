@@ -113,6 +113,32 @@ def test_conditional_model_gets_rows_from_the_real_subset_and_its_labels(demo_st
     assert other.label_source == "probe"
 
 
+def test_tasks_share_one_synthetic_set_through_the_cache(demo_store, probes):
+    """The synthetic slices do not depend on the task: with a shared cache the second task relabels the first
+    task's slices (the requested rows, or the probe for an attribute the model is not conditioned on) instead of
+    generating again."""
+    from mrigen.utility.arms import generate_synthetic, synthetic_set
+
+    train_rows = demo_store.slices("train")
+    model = ConditionalFake(demo_store.tensor("train"), train_rows)
+    cache: dict = {}
+    first = run_utility(model, demo_store, tiny_cfg(task="site", steps=5, seeds=1), probes=probes, progress=False,
+                        synthetic_cache=cache)
+    asked = list(model.requested)
+    second = run_utility(model, demo_store, tiny_cfg(task="age", steps=5, seeds=1), probes=probes, progress=False,
+                         synthetic_cache=cache)
+    assert model.requested == asked and len(cache) == 1          # generated once, for the first task
+    assert (first.label_source, second.label_source) == ("requested", "probe")
+    (images, requested), = cache.values()
+    pool = [train_rows[i] for i in real_subset(train_rows, 0.25, 0)[0].tolist()]
+    fresh_images, fresh_rows = generate_synthetic(ConditionalFake(demo_store.tensor("train"), train_rows),
+                                                  len(images), pool=pool, seed=0, batch_size=tiny_cfg().sample_batch)
+    assert torch.equal(fresh_images, images) and fresh_rows == requested   # the cache holds what a run makes
+    relabelled = synthetic_set(model, len(images), task="age", pool=pool, probes=probes, seed=0,
+                               generated=(images, requested))
+    assert torch.equal(relabelled.images, images) and relabelled.rows == probes.labels(images)
+
+
 def test_not_learnable_task_is_reported_as_such(noise_result):
     import copy
 
