@@ -33,6 +33,7 @@ from quality import MODES, recommended  # noqa: E402  (the champion recipe and t
 
 from mrigen.data import DEMO_SUBJECTS, build_demo_store  # noqa: E402
 from mrigen.utility import TASKS, UtilityConfig, run_utility, summary, table  # noqa: E402
+from mrigen.utility.pool import default_workers  # noqa: E402
 from mrigen.utility.report import plot  # noqa: E402
 
 TARGET_TASKS = ("site", "slice_pos")
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-seed", type=int,
                    help="the recipe's training seed (default the recipe's, 0): another generator, the same protocol")
     p.add_argument("--tracking-uri", help="for a models:/ or runs:/ --model")
+    p.add_argument("--workers", type=int, help="processes for the downstream trainings, one thread each (default: "
+                                               "one per CPU core up to 4 on the CPU, 1 on CUDA); same scores")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
                       + ("met" if ok else "MISSED"), flush=True)
     if mode["device"] == "cpu":
         torch.set_num_threads(1)  # the downstream CNN's small tensors: one thread is faster (training above: all)
+    workers = args.workers or default_workers(mode["device"])
+    print(f"downstream trainings: {workers} worker process(es)", flush=True)
     counts = tuple(sorted({int(c) for c in args.synthetic.split(",")}))
     rows, tables = {}, []
     cache: dict = {}                       # one synthetic set for every task: generated once, relabelled per task
     for task in args.task or list(TASKS):
         cfg = UtilityConfig(task=task, real_fraction=args.real_fraction, seeds=args.seeds, synthetic=counts,
                             **({"steps": args.steps} if args.steps else {}))
-        result = run_utility(model, store, cfg, device=mode["device"], progress=True, synthetic_cache=cache)
+        result = run_utility(model, store, cfg, device=mode["device"], progress=True, synthetic_cache=cache,
+                             workers=workers)
         tables.append(table(result, f"{args.mode}, {mode['size']} px"))
         plot(result, args.out / f"utility_{task}.png")
         rows[task] = dict(summary(result), wall_s=result.wall_s)

@@ -195,8 +195,11 @@ class TrialRunner:
         from mrigen.device import pick_device
         from mrigen.utility import run_utility, summary
 
+        from mrigen.utility.pool import default_workers
+
         cfg = self.spec.utility
-        result = run_utility(model, self.store, cfg, device=pick_device(self.device), progress=False)
+        device = pick_device(self.device)
+        result = run_utility(model, self.store, cfg, device=device, progress=False, workers=default_workers(device))
         s = summary(result)
         values = {f"utility_{cfg.task}_gain": float(s["gain"]), f"utility_{cfg.task}_tstr_ratio": float(s["tstr_ratio"])}
         log.info("trial %d: utility %s on %s: gain %+.4f, TSTR ratio %.3f (%s)", trial.number, cfg.task,

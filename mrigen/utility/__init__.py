@@ -4,7 +4,8 @@
 
 `run_utility(model, store, UtilityConfig(task=...))` trains one small CNN per arm and seed and scores it on the
 store's real test split (held-out subjects): real only, real + N synthetic, synthetic only (TSTR), real +
-classic augmentation. docs/UTILITY.md explains the protocol and how to read the table.
+classic augmentation (`workers=N`: the trainings run in N processes on the CPU, same scores).
+docs/UTILITY.md explains the protocol and how to read the table.
 """
 
 from .config import UtilityConfig

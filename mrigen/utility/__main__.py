@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                                                               f"(default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--workers", type=int, help="processes the downstream CNNs train in, one thread each (default: "
+                                               "one per CPU core up to 4 for a model on the CPU, else 1); the scores "
+                                               "do not depend on it")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else "
                                           "./mrigen-work/mlflow.db)")
     p.add_argument("--work-dir", type=Path, default=Path("mrigen-work"), help="where the demo store is cached")
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         if task not in TASKS:
             p.error(f"unknown task {task!r} (allowed: {', '.join(TASKS)})")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers {args.workers}: must be >= 1")
     try:
         cfgs = [UtilityConfig(task=task, real_fraction=args.real_fraction, seeds=args.seeds,
                               synthetic=args.synthetic, steps=args.steps, seed=args.seed) for task in tasks]
@@ -134,7 +139,11 @@ def _task(args: argparse.Namespace, cfg: UtilityConfig, model, store, device, re
     from .runner import run_utility
     from .tracking import log_utility
 
-    result = run_utility(model, store, cfg, device=device, progress=not args.quiet, synthetic_cache=cache)
+    from .pool import default_workers
+
+    workers = args.workers or default_workers(device)
+    result = run_utility(model, store, cfg, device=device, progress=not args.quiet, synthetic_cache=cache,
+                         workers=workers)
     print(table(result, where))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ConditionalFake, CopyModel, NoiseModel, tiny_cfg
 
-import mrigen.utility.runner as runner
+import mrigen.utility.pool as pool_module
 from mrigen.utility import UtilityConfig, get_task, paired, run_utility, summary, table, verdict
 from mrigen.utility.arms import classic_augment, real_subset
 from mrigen.utility.cnn import fit_and_predict
@@ -46,13 +46,13 @@ def test_table_reports_arms_chance_and_label_source(noise_result):
 
 def test_arms_share_cnn_config_and_seeds_and_test_on_held_out_subjects(demo_store, probes, monkeypatch):
     calls = []
-    real_fit = runner.fit_and_predict
+    real_fit = pool_module.fit_and_predict
 
     def spy(images, targets, known, test, **kw):
         calls.append({"n": images.shape[0], "images": images, "test": test, **kw})
         return real_fit(images, targets, known, test, **kw)
 
-    monkeypatch.setattr(runner, "fit_and_predict", spy)
+    monkeypatch.setattr(pool_module, "fit_and_predict", spy)
     cfg = tiny_cfg(steps=2)
     run_utility(NoiseModel(), demo_store, cfg, probes=probes, progress=False)
     assert len(calls) == cfg.seeds * 5
@@ -70,6 +70,31 @@ def test_arms_share_cnn_config_and_seeds_and_test_on_held_out_subjects(demo_stor
     idx, subjects = real_subset(demo_store.slices("train"), 0.25, 0)
     assert set(subjects) <= train_subjects and len(subjects) == round(0.25 * len(train_subjects))
     assert not train_subjects & {r["subject"] for r in demo_store.slices("test")}
+
+
+def test_worker_processes_give_the_same_scores_as_one_process(demo_store, probes):
+    """The trainings are independent and seeded: two worker processes (one thread each) score every arm and seed
+    exactly as one process with one thread does, and the results come back in protocol order."""
+    cfg = tiny_cfg(steps=6)
+    model = CopyModel(demo_store.tensor("train"))
+    serial = run_utility(model, demo_store, cfg, probes=probes, progress=False)
+    parallel = run_utility(model, demo_store, cfg, probes=probes, progress=False, workers=2)
+    assert [(a.arm, a.synthetic) for a in parallel.arms] == [(a.arm, a.synthetic) for a in serial.arms]
+    assert [a.scores for a in parallel.arms] == [a.scores for a in serial.arms]
+    assert len({s for a in serial.arms for s in a.scores}) > 2          # the arms do differ: not a constant
+    with pytest.raises(ValueError, match="workers=0"):
+        run_utility(model, demo_store, cfg, probes=probes, progress=False, workers=0)
+
+
+def test_a_failing_training_in_a_worker_is_raised_not_swallowed(demo_store):
+    from mrigen.utility.pool import FitData, FitJob, run_fits
+
+    x = demo_store.tensor("train")[:20]
+    t, k = torch.rand(20), torch.zeros(20, dtype=torch.bool)            # no labelled row: the CNN cannot train
+    data = FitData(x, t, k, x[:0], t[:0], k[:0], x[:4], n_out=1, classification=False, cfg=tiny_cfg(steps=2))
+    jobs = [FitJob(torch.arange(10), 0, seed) for seed in range(2)]
+    with pytest.raises(ValueError, match="no labelled training slice"):
+        run_fits(data, jobs, workers=2)
 
 
 def test_same_seed_same_weights_different_seed_different(demo_store):
