@@ -167,14 +167,21 @@ class FlowLatentPrior(nn.Module):
         return self.net.condition
 
     def loss(self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
-             attrs: torch.Tensor | None = None) -> torch.Tensor:
+             attrs: torch.Tensor | None = None, time: str = "uniform") -> torch.Tensor:
         """Flow-matching loss (mean squared velocity error) on one batch of posteriors `(B, D, h, w)` each:
-        z1 = mu + sigma * eps, standardised; t ~ U(0, 1); z0 ~ N(0, I); `attrs` `(B, A)` the encoded attributes of
-        a conditional flow (NaN = unknown). A scalar."""
+        z1 = mu + sigma * eps, standardised; z0 ~ N(0, I); `attrs` `(B, A)` the encoded attributes of a
+        conditional flow (NaN = unknown); t ~ U(0, 1) (`time="uniform"`) or t = sigmoid(N(0, 1))
+        (`"logit_normal"`, Esser et al. 2024: more of the training on the middle of the path, where the velocity
+        is least determined by either end). A scalar."""
         self._check(mu, "mu")
         noise = torch.randn((2, *mu.shape), device=mu.device, generator=generator)
         z1 = (mu + noise[0] * torch.exp(0.5 * logvar) - self.mean) / self.std
-        t = torch.rand(mu.shape[0], device=mu.device, generator=generator)
+        if time == "uniform":
+            t = torch.rand(mu.shape[0], device=mu.device, generator=generator)
+        elif time == "logit_normal":
+            t = torch.sigmoid(torch.randn(mu.shape[0], device=mu.device, generator=generator))
+        else:
+            raise ValueError(f"time={time!r} is not one of ('uniform', 'logit_normal')")
         xt = torch.lerp(noise[1], z1, t[:, None, None, None])
         return F.mse_loss(self.net(xt, t, attrs), z1 - noise[1])
 

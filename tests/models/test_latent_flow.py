@@ -80,6 +80,48 @@ def test_a_trained_flow_draws_the_structure_of_its_training_latents():
     assert float(a.mean()) == pytest.approx(2.0, abs=0.3) and float(a.mean(1).std()) == pytest.approx(1.5, rel=0.2)
 
 
+class _TimeSpy(nn.Module):
+    """Records the path times t a flow-matching loss feeds its velocity network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[torch.Tensor] = []
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, attrs=None) -> torch.Tensor:
+        self.times.append(t.detach().clone())
+        return x * self.scale
+
+
+def test_logit_normal_time_puts_the_training_mid_path_and_train_latent_flow_uses_the_config():
+    """t ~ U(0, 1) gives half the draws in [0.25, 0.75]; t = sigmoid(N(0, 1)) gives ~73% (P(|N| < logit 0.75 =
+    1.0986)), never exactly 0 or 1. `train.flow_time` reaches the loss in training and in the held-out loss."""
+    prior = FlowLatentPrior(SHAPE, width=8)
+    prior.net = _TimeSpy()
+    mu, logvar = torch.randn(4000, *SHAPE), torch.zeros(4000, *SHAPE)
+    share = {}
+    for time in ("uniform", "logit_normal"):
+        prior.net.times.clear()
+        prior.loss(mu, logvar, torch.Generator().manual_seed(0), time=time)
+        t = prior.net.times[0]
+        assert t.shape == (4000,) and bool(((t > 0) & (t < 1)).all())
+        share[time] = float(((t > 0.25) & (t < 0.75)).float().mean())
+    assert share["uniform"] == pytest.approx(0.5, abs=0.03)
+    assert share["logit_normal"] == pytest.approx(0.728, abs=0.03)
+    with pytest.raises(ValueError, match="time='beta' is not one of"):
+        prior.loss(mu, logvar, time="beta")
+    with pytest.raises(ValueError, match="TrainConfig.flow_time='beta' is not one of"):
+        TrainConfig(flow_time="beta")
+
+    model = _Encoder()
+    model.latent_prior.net = spy = _TimeSpy()
+    cfg = TrainConfig(prior_steps=40, prior_batch_size=200, eval_batch_size=256, flow_time="logit_normal")
+    train_latent_flow(model, _structured_images(400, 0), cfg, val_from=_structured_images(256, 1), progress=False)
+    t = torch.cat(spy.times)                                   # 40 training batches + the held-out loss
+    assert t.numel() == 40 * 200 + 256
+    assert float(((t > 0.25) & (t < 0.75)).float().mean()) == pytest.approx(0.728, abs=0.03)
+
+
 class _PositionEncoder(nn.Module):
     """A stand-in VAE whose posterior mean is 4 * slice_pos - 2 at every entry (plus noise of sd 0.1): what the
     latent of a slice is, given its position."""
