@@ -47,6 +47,8 @@ class ModelConfig:
     latent_prior_components: int = 32  # fitted prior: k-means components (fewer on small sets); 1 = one Gaussian
     flow_width: int = 64  # flow prior: feature maps of its U-Net at the latent grid's resolution (a multiple of 8)
     flow_steps: int = 25  # flow prior: Heun steps from noise to a latent when sampling (two network calls each)
+    flow_guide: bool = False  # flow prior: also keep a guide, the flow's own EMA weights from early in its training
+    #                           (train.flow_guide_at), for autoguidance (sample_autoguidance)
     codebook_size: int = 512  # VQ-VAE: number of codes K
     code_dim: int = 64  # VQ-VAE: channels of each code vector
     commitment: float = 0.25  # VQ-VAE: weight of the commitment term ||z_e - sg(q)||^2
@@ -58,6 +60,8 @@ class ModelConfig:
     sample_top_k: int = 0  # VQ-VAE sampling: keep only the k most likely codes per position; 0 = all
     sample_guidance: float = 1.0  # conditional VQ-VAE / flow-VAE sampling: classifier-free guidance (>= 1; 1 = off)
     sample_guidance_on: tuple[str, ...] = ()  # attributes guidance strengthens (a subset of conditions); () = all
+    sample_autoguidance: float = 1.0  # flow-VAE sampling: autoguidance weight w (>= 1; 1 = off; needs flow_guide):
+    #                                   velocity v_guide + w * (v - v_guide) (Karras et al., 2024)
     conditions: tuple[str, ...] = ()  # attributes to condition on (slice_pos, site, age, sex); () = unconditional.
     #                                   VAE: FiLM in encoder and decoder, or with latent_prior="flow" the flow alone;
     #                                   VQ-VAE: the code prior alone
@@ -128,6 +132,15 @@ class ModelConfig:
         _check_int("sample_top_k", self.sample_top_k, minimum=0)
         _check_number("sample_temperature", self.sample_temperature, low=0.0, low_open=True)
         _check_number("sample_guidance", self.sample_guidance, low=1.0)
+        _check_number("sample_autoguidance", self.sample_autoguidance, low=1.0)
+        if not isinstance(self.flow_guide, bool):
+            raise ValueError(f"flow_guide={self.flow_guide!r} must be true or false")
+        if self.flow_guide and self.latent_prior != "flow":
+            raise ValueError(f"flow_guide=True keeps a guide for the flow prior: it needs latent_prior='flow', got "
+                             f"{self.latent_prior!r}")
+        if self.sample_autoguidance != 1.0 and not self.flow_guide:
+            raise ValueError(f"sample_autoguidance={self.sample_autoguidance!r} needs a guide network: set "
+                             "flow_guide=true (and latent_prior='flow') before training, or sample_autoguidance=1")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size={self.codebook_size} must be >= 2")
         if self.prior_channels % 16:

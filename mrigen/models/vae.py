@@ -83,7 +83,8 @@ class VAE(nn.Module):
         if cfg.latent_prior == "fitted":
             self.latent_prior = GaussianLatentPrior(math.prod(self.latent_shape), cfg.latent_prior_components)
         elif cfg.latent_prior == "flow":
-            self.latent_prior = FlowLatentPrior(self.latent_shape, cfg.flow_width, cfg.flow_steps, cfg.conditions)
+            self.latent_prior = FlowLatentPrior(self.latent_shape, cfg.flow_width, cfg.flow_steps, cfg.conditions,
+                                                guide=cfg.flow_guide)
         # learned decoder scale of the sigma-VAE (train.sigma="learned"): log of the per-pixel std / Laplace scale
         self.log_sigma = nn.Parameter(torch.zeros(()))
         bns = self._decoder_batchnorms()
@@ -247,7 +248,8 @@ class VAE(nn.Module):
                 return self.decode(z, attrs)
             if isinstance(self.latent_prior, FlowLatentPrior):      # the flow reads the attributes, the decoder not
                 z = self.latent_prior.draw(n, generator, attrs=attrs, guidance=self.config.sample_guidance,
-                                           guidance_on=self.config.sample_guidance_on)
+                                           guidance_on=self.config.sample_guidance_on,
+                                           autoguidance=self.config.sample_autoguidance)
                 attrs = None
             else:
                 z = self.latent_prior.draw(n, generator).reshape(n, *self.latent_shape)   # the fitted mixture

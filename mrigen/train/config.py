@@ -58,6 +58,9 @@ class TrainConfig:
     flow_time: str = "uniform"       # VAE flow prior: how a training step draws its path time t: "uniform" in
                                      # [0, 1] or "logit_normal" (sigmoid of N(0, 1): more steps mid-path, where the
                                      # velocity is hardest to learn; fd_ratio 1.18-1.27 vs 1.43-1.49 at 2,500 steps)
+    flow_guide_at: float = 0.2       # VAE flow prior with model.flow_guide: the share of prior_steps after which its
+                                     # EMA weights are copied into the guide network (autoguidance: a weaker
+                                     # version of the same flow; see FlowLatentPrior.draw)
     grid_every: int = 5              # epochs between image grids (real | reconstruction | samples); 0 = end only
     grid_n: int = 8                  # images per grid row
     eval_batch_size: int = 512       # images per forward pass in validation
@@ -83,6 +86,8 @@ class TrainConfig:
         for name in ("condition_dropout", "condition_dropout_all"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if not 0 < self.flow_guide_at < 1:
+            raise ValueError(f"TrainConfig.flow_guide_at={self.flow_guide_at!r} must be in (0, 1)")
         if self.recon not in _RECON:
             raise ValueError(f"TrainConfig.recon={self.recon!r} is not one of {_RECON}")
         if self.amp not in _AMP:

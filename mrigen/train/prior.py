@@ -152,12 +152,14 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     """Train a VAE's flow prior (`model.latent_prior`, a FlowLatentPrior) on the posteriors of `train_x` for
     `cfg.prior_steps` steps of `cfg.prior_batch_size` latents (seeded batches, cosine learning rate from
     `cfg.prior_lr`), keep the exponential moving average of its weights (decay `FLOW_EMA_DECAY`, lower over the
-    first steps so that a short run does not average in its initial weights) and mark it trained.
+    first steps so that a short run does not average in its initial weights) and mark it trained. A flow with a
+    guide network (`model.flow_guide`) gets the EMA weights as they are after `cfg.flow_guide_at` of the steps
+    copied into it: the weaker version of itself that autoguidance steps away from.
 
     Args:
         model: a VAE with `latent_prior == "flow"` (its autoencoder is frozen here).
         train_x: (N, 1, H, W) training images on the model's device.
-        cfg: prior_steps, prior_batch_size, prior_lr, flow_time, seed, eval_batch_size.
+        cfg: prior_steps, prior_batch_size, prior_lr, flow_time, flow_guide_at, seed, eval_batch_size.
         val_from: optional held-out images (M, 1, H, W); their flow-matching loss under the final (EMA) weights is
             reported (one far above the training loss means the flow fitted the training latents, not the
             distribution; measured on the demo cohort: 0.95-0.97 held-out vs 0.90-0.93 training).
@@ -180,6 +182,7 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     batch = min(cfg.prior_batch_size, len(mu))
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 20_000)
     every = max(1, cfg.prior_steps // REPORTS)
+    guide_step = max(1, round(cfg.flow_guide_at * cfg.prior_steps))
     history: list[float] = []
     total = torch.zeros((), device=device)
     flow.train()
@@ -196,14 +199,14 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
         with torch.no_grad():
             decay = min(FLOW_EMA_DECAY, (1 + step) / (10 + step))        # warm-up: early weights fade fast
             torch._foreach_lerp_(ema, [p.detach() for p in flow.net.parameters()], 1.0 - decay)
+            if flow.guide is not None and step + 1 == guide_step:
+                _copy_weights(flow.guide, flow.net, ema)
         total += loss.detach()
         if (step + 1) % every == 0 or step + 1 == cfg.prior_steps:        # one host sync per report
             history.append(float(total / ((step % every) + 1)))
             total.zero_()
             bar.set_postfix(loss=f"{history[-1]:.3f}")
-    with torch.no_grad():
-        for p, average in zip(flow.net.parameters(), ema):
-            p.copy_(average)
+    _copy_weights(flow.net, flow.net, ema)
     flow.eval()
     flow.trained.fill_(True)
     val_loss = None
@@ -211,6 +214,15 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
         val_loss = _flow_loss(flow, *encode_posteriors(model, val_from, cfg.eval_batch_size), cfg.eval_batch_size,
                               cfg.seed, val_attrs, cfg.flow_time)
     return PriorResult(history, val_loss)
+
+
+@torch.no_grad()
+def _copy_weights(target: torch.nn.Module, source: torch.nn.Module, params: list[torch.Tensor]) -> None:
+    """`target` := `source`'s state (buffers: the condition bank) with `params` in place of its parameters."""
+    if target is not source:
+        target.load_state_dict(source.state_dict())
+    for p, value in zip(target.parameters(), params, strict=True):
+        p.copy_(value)
 
 
 @torch.no_grad()
