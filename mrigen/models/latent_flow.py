@@ -37,8 +37,10 @@ early flow makes the trained one's errors, only larger (soft, blotchy latents); 
 of them without narrowing the samples the way classifier-free guidance does. It costs no training, one more
 network pass per evaluation and a second copy of the (small) network. Measured on the same 2,500-step flow
 (bench/RESULTS.md, session 15), guide at 20%: fd_ratio 1.47 -> 0.98 / 1.00 (w 1.8 / 2.0), fine detail 0.71 ->
-0.93 / 1.01 of real, diversity 0.687 -> 0.663 / 0.656 (real 0.630), no copies; too strong (w 2.5) oversharpens
-(fine detail 1.26, fd_ratio 1.49).
+0.93 / 1.01 of real, diversity 0.687 -> 0.663 / 0.656 (real 0.630), no copies (a second flow: 1.51-1.57 -> 1.15-1.24
+at w 2.0, 2 of 500 samples flagged as copies); too strong (w 2.5) oversharpens (fine detail 1.26, fd_ratio 1.49).
+On top of classifier-free guidance the two stack: over guidance 1.5, w 1.5 sharpened without lowering fd_ratio and
+w 2 overshot.
 
 Training (the budget, EMA of the weights, the guide's snapshot, condition dropout) lives in mrigen.train.prior;
 this module holds the network, the per-channel standardisation and the sampler. Whether a trained flow copies
