@@ -216,7 +216,8 @@ class FlowLatentPrior(nn.Module):
                 attributes. The guide, an early snapshot of the same flow, makes the errors a less-trained flow
                 makes; stepping away from it undoes part of the same errors in the trained one: sharper, more
                 varied samples where the plain flow draws soft, blotchy ones (bench/RESULTS.md, session 15).
-                1 = off (no guide pass).
+                The two guidances stack: were the guide the flow itself, this would be classifier-free guidance of
+                weight 1 + w * (guidance - 1). 1 = off (no guide pass).
 
         Raises:
             RuntimeError: if the prior was never trained.

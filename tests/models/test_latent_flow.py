@@ -288,3 +288,27 @@ def test_a_guided_flow_vae_keeps_its_guide_through_save_and_load(tmp_path):
         assert torch.equal(p, q)
     a = model.sample(3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, loaded.sample(3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_autoguidance_composes_with_classifier_free_guidance_on_a_conditional_flow():
+    """v = v_guide + w * (v_cfg - v_guide), the guide seeing the conditioned rows (not the hidden ones classifier-free
+    guidance adds): with the flow as its own guide that is classifier-free guidance of weight 1 + w * (g - 1), which
+    is how the two stack (bench/RESULTS.md, session 15)."""
+    torch.manual_seed(0)
+    prior = FlowLatentPrior(SHAPE, width=8, ode_steps=3, conditions=("slice_pos", "site"), guide=True)
+    nn.init.normal_(prior.net.out[-1].weight, std=0.3)
+    prior.trained.fill_(True)
+    attrs = torch.tensor([[0.1, 0.0], [0.9, 2.0], [0.5, float("nan")]])
+
+    def draw(**kw) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(2)
+        return prior.draw(3, gen, attrs=attrs, guidance=1.5, guidance_on=("slice_pos",), **kw)
+
+    zero_guide = draw(autoguidance=2.0)
+    assert zero_guide.shape == (3, *SHAPE) and torch.isfinite(zero_guide).all()
+    assert not torch.allclose(zero_guide, draw(), atol=1e-3)
+    prior.guide.load_state_dict(prior.net.state_dict())
+    stacked = draw(autoguidance=2.0)
+    plain_cfg = prior.draw(3, torch.Generator().manual_seed(2), attrs=attrs, guidance=2.0, guidance_on=("slice_pos",))
+    assert torch.allclose(stacked, plain_cfg, atol=1e-5)             # 1 + 2 * (1.5 - 1) = 2
+    assert not torch.allclose(stacked, draw(), atol=1e-3)
