@@ -55,7 +55,8 @@ def test_ingest_bench_prints_the_target_ratio(tmp_path):
 
 def test_quality_bench_prints_the_table_and_checks_targets(tmp_path):
     text = _run(str(BENCH / "quality.py"), "--mode", "cpu", "--subjects", "6", "--epochs", "1", "--prior-steps", "5",
-                "--samples", "20", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+                "--samples", "20", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                "--autoguidance-sweep", "1,2")
     rows = [line for line in text.splitlines() if line.startswith(("| vqvae |", "| vae |"))]
     assert len(rows) == 2
     assert any(line.startswith("vqvae target: psnr") for line in text.splitlines())
@@ -66,6 +67,30 @@ def test_quality_bench_prints_the_table_and_checks_targets(tmp_path):
     for family in ("vqvae", "vae"):
         assert {"ssim", "psnr", "fd_ratio", "memorised", "wall_s"} <= set(results[family]), family
         assert (tmp_path / "out" / f"{family}.png").is_file()
+    # the guided VAE is also evaluated at the sweep's other weights (2 is the recipe's own: its row is the table's)
+    assert "autoguidance_sweep" not in results["vqvae"]
+    sweep = results["vae"]["autoguidance_sweep"]
+    assert [r["w"] for r in sweep] == [1.0] and 0 < sweep[0]["fd_ratio"] and (tmp_path / "out" / "vae-w1.png").is_file()
+    assert "| 1 | " in text
+
+
+def _quality_module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    return quality
+
+
+def test_autoguidance_sweep_weights_are_parsed_and_checked():
+    import argparse
+
+    parse = _quality_module().parse_weights
+    assert parse("1,1.5, 3") == (1.0, 1.5, 3.0) and parse("") == ()
+    for bad in ("0.5", "1,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=bad):
+            parse(bad)
 
 
 @pytest.mark.parametrize("family", ["vqvae", "vae"])
