@@ -38,7 +38,7 @@ for job in $(jobs -p); do wait "$job" || status=1; done
 echo "all three done in $((SECONDS - start)) s"
 for run in quality-vqvae quality-vae utility; do
   echo "== $run"
-  tail -n 24 "$OUT/$run.txt"
+  tail -n 32 "$OUT/$run.txt"
   [ -s "$OUT/$run.err" ] && { echo "-- stderr (last 3 lines)"; tail -n 3 "$OUT/$run.err"; }
 done
 exit "$status"

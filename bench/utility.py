@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, args.out / f"utility_{task}.png")
         rows[task] = dict(summary(result), wall_s=result.wall_s)
         print(f"{task}: done in {result.wall_s:.0f} s", flush=True)
+        # after each task: a run cut short (a device call's time limit) keeps the tasks it finished
+        write_results(args.out, {"mode": args.mode, "model": source, "results": rows, "fidelity": fidelity,
+                                 "complete": False})
     print()
     print("\n\n".join(tables))
     print()
@@ -154,9 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                   + ("met" if s["tstr_ratio"] >= TSTR_TARGET else f"MISSED ({s['tstr_ratio']:.3f})"))
     total = time.perf_counter() - t0
     print(f"\nwhole run {total:.0f} s ({total / 60:.1f} min)")
-    (args.out / "results.json").write_text(json.dumps({"mode": args.mode, "model": source, "results": rows,
-                                                        "fidelity": fidelity, "wall_s": total}, indent=2))
+    write_results(args.out, {"mode": args.mode, "model": source, "results": rows, "fidelity": fidelity,
+                             "wall_s": total, "complete": True})
     return 0
+
+
+def write_results(out: Path, results: dict) -> None:
+    """OUT/results.json (replaced atomically: a reader never sees half a file)."""
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ class MlflowHook(Hook):
             self._unlogged_grids = (epoch, grids)
 
     def on_end(self, ctx: TrainContext, result: "TrainResult") -> None:
-        """Log the loss curves, `final_*` metrics and the model, then terminate the run.
+        """Log the loss curves (the prior's as `prior_train_loss` / `prior_val_loss` by prior step), `final_*`
+        metrics and the model, then terminate the run.
 
         Raises:
             TrackingError: the end of the run could not be logged (after retries); the run is marked FAILED and
@@ -151,6 +152,9 @@ class MlflowHook(Hook):
                 epoch, grids = self._unlogged_grids
                 for name, grid in grids.items():
                     self._worker.log_image(grid, key=name, step=epoch)
+            for row in result.prior_curve:          # the second stage's curves, by optimiser step of the prior
+                self._worker.log_metrics({f"prior_{k}": v for k, v in row.items() if k != "step"},
+                                         step=int(row["step"]))
             step = max(result.epochs_run - 1, 0)
             self._worker.log_metrics({f"final_{k}": v for k, v in result.val_metrics.items()}, step=step)
             self._worker.flush(timeout=max(self.end_retry_s, 1.0))

@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mrigen.train",
         description="Train a VAE or VQ-VAE on a slice store (made by `python -m mrigen.data ingest`). Writes "
-                    "OUT/metrics.json (final validation metrics), OUT/history.json, OUT/loss_curves.png, "
+                    "OUT/metrics.json (final validation metrics), OUT/history.json (per epoch), OUT/prior_history.json "
+                    "(the code or flow prior's training and held-out loss by step), OUT/loss_curves.png, "
                     "OUT/grids/*.png (real vs reconstruction of the same slices, samples), OUT/model/ "
                     "(safetensors + config) and a resumable OUT/checkpoint/.")
     p.add_argument("--data", required=True,

@@ -72,7 +72,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class LocalLogger(Hook):
-    """Writes `metrics.json`, `history.json`, `loss_curves.png` and `grids/<name>_epoch_NNN.png` to a dir."""
+    """Writes `metrics.json`, `history.json`, `prior_history.json` (models with a trained prior), `loss_curves.png`
+    and `grids/<name>_epoch_NNN.png` to a dir."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
@@ -92,6 +93,8 @@ class LocalLogger(Hook):
         from mrigen.train.images import plot_loss_curves
 
         write_json_atomic(self.out_dir / "history.json", result.history)
+        if result.prior_curve:                     # the second stage (code / flow prior), one row per report
+            write_json_atomic(self.out_dir / "prior_history.json", result.prior_curve)
         write_json_atomic(self.out_dir / "metrics.json", {
             "val": result.val_metrics,
             "epochs_run": result.epochs_run,

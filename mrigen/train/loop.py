@@ -47,6 +47,9 @@ class TrainResult:
     stop_reason: str | None = None
     model_dir: Path | None = None                   # where save_model wrote it, when out_dir was given
     extra: dict[str, Any] = field(default_factory=dict)
+    # the second stage (VQ-VAE code prior, VAE flow prior), one row per report: {"step", "train_loss"[, "val_loss"]}
+    # (code prior: NLL in nats per code; flow: flow-matching loss; val_loss on the held-out split); [] without one
+    prior_curve: list[dict[str, float]] = field(default_factory=list)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -420,11 +423,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
                                 train_attrs=train_attrs, val_attrs=val_attrs)
             result.extra["prior_loss"] = prior.train_nll
             result.extra["prior_val_nll"] = prior.val_nll
+            result.prior_curve = prior.rows()
         if model_cfg.latent_prior == "flow" and not result.stopped_early and train_cfg.prior_steps > 0:
             flow = train_latent_flow(model, train_x, train_cfg, val_from=val_x, progress=progress,
                                      train_attrs=train_attrs, val_attrs=val_attrs)
             result.extra["flow_loss"] = flow.train_nll
             result.extra["flow_val_loss"] = flow.val_nll
+            result.prior_curve = flow.rows()
         model.eval()
         can_sample = bool(getattr(model, "prior_trained", False))    # VAE: N(0, I), or its fitted / trained prior
         if train_cfg.final_eval and not result.stopped_early:

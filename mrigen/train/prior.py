@@ -7,7 +7,9 @@ handful of steps, which left the prior undertrained. The learning rate decays on
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -18,16 +20,27 @@ from mrigen.train.config import TrainConfig
 __all__ = ["FLOW_EMA_DECAY", "PriorResult", "drop_conditions", "encode_posteriors", "encode_split", "train_latent_flow",
            "train_prior"]
 
-REPORTS = 20  # points in the returned training-loss curve
+REPORTS = 20  # points in the returned loss curves (training, and held-out when held-out data is given)
 FLOW_EMA_DECAY = 0.999  # the flow prior samples with an exponential moving average of its weights
 
 
 class PriorResult(NamedTuple):
-    """What `train_prior` returns: the mean training NLL (nats per code) over each twentieth of the steps, and the
-    NLL of held-out code grids at the end (None when none were given)."""
+    """What `train_prior` / `train_latent_flow` return. `train_nll`: the mean training loss over each twentieth of
+    the steps (code prior: NLL in nats per code; flow: flow-matching loss); `steps`: the step each point ends at;
+    `val_curve`: the held-out loss at those steps, with the weights the prior would sample with then (the flow's
+    EMA) (empty when no held-out data was given): a curve that turns up while the training loss falls is a prior
+    fitting its training grids rather than their distribution; `val_nll`: the held-out loss of the final weights
+    (None without held-out data; equal to `val_curve[-1]`)."""
 
     train_nll: list[float]
     val_nll: float | None
+    steps: list[int] = []
+    val_curve: list[float] = []
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per report: {"step", "train_loss"} and "val_loss" when held-out data was given."""
+        return [{"step": step, "train_loss": train, **({"val_loss": self.val_curve[i]} if self.val_curve else {})}
+                for i, (step, train) in enumerate(zip(self.steps, self.train_nll, strict=True))]
 
 
 def drop_conditions(attrs: torch.Tensor, p: float, gen: torch.Generator, p_all: float = 0.0) -> torch.Tensor:
@@ -94,6 +107,8 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         raise ValueError(f"prior_steps={cfg.prior_steps} must be >= 1 to train a prior")
     device = train_x.device
     codes = encode_split(model, train_x, cfg.eval_batch_size)                  # (N, h, w)
+    val_codes = (encode_split(model, val_codes_from, cfg.eval_batch_size)
+                 if val_codes_from is not None and len(val_codes_from) else None)
     prior = model.prior
     prior.train()
     optimizer = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
@@ -102,6 +117,8 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000)
     every = max(1, cfg.prior_steps // REPORTS)
     history: list[float] = []
+    steps: list[int] = []
+    val_curve: list[float] = []
     total = torch.zeros((), device=device)
     bar = tqdm(range(cfg.prior_steps), desc="train code prior", unit="step", disable=not progress)
     for step in bar:
@@ -117,15 +134,16 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         if (step + 1) % every == 0 or step + 1 == cfg.prior_steps:        # one host sync per report
             n = (step % every) + 1
             history.append(float(total / n))
+            steps.append(step + 1)
             total.zero_()
-            bar.set_postfix(nll=f"{history[-1]:.3f}")
+            if val_codes is not None:
+                prior.eval()
+                val_curve.append(_mean_nll(prior, val_codes, cfg.eval_batch_size, val_attrs))
+                prior.train()
+            bar.set_postfix(nll=f"{history[-1]:.3f}", **({"val": f"{val_curve[-1]:.3f}"} if val_curve else {}))
     prior.eval()
     model.mark_prior_trained()
-    val_nll = None
-    if val_codes_from is not None and len(val_codes_from):
-        val_nll = _mean_nll(prior, encode_split(model, val_codes_from, cfg.eval_batch_size), cfg.eval_batch_size,
-                            val_attrs)
-    return PriorResult(history, val_nll)
+    return PriorResult(history, val_curve[-1] if val_curve else None, steps, val_curve)
 
 
 @torch.no_grad()
@@ -175,6 +193,8 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     device = train_x.device
     flow = model.latent_prior
     mu, logvar = encode_posteriors(model, train_x, cfg.eval_batch_size)
+    val_post = (encode_posteriors(model, val_from, cfg.eval_batch_size)
+                if val_from is not None and len(val_from) else None)
     flow.set_standardisation(mu, logvar)
     optimizer = torch.optim.Adam(flow.net.parameters(), lr=cfg.prior_lr)
     schedule = _cosine(optimizer, cfg.prior_steps)
@@ -184,6 +204,8 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     every = max(1, cfg.prior_steps // REPORTS)
     guide_step = max(1, round(cfg.flow_guide_at * cfg.prior_steps))
     history: list[float] = []
+    steps: list[int] = []
+    val_curve: list[float] = []
     total = torch.zeros((), device=device)
     flow.train()
     bar = tqdm(range(cfg.prior_steps), desc="train flow prior", unit="step", disable=not progress)
@@ -204,16 +226,32 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
         total += loss.detach()
         if (step + 1) % every == 0 or step + 1 == cfg.prior_steps:        # one host sync per report
             history.append(float(total / ((step % every) + 1)))
+            steps.append(step + 1)
             total.zero_()
-            bar.set_postfix(loss=f"{history[-1]:.3f}")
+            if val_post is not None:                                   # held out, with the EMA weights
+                with _weights(flow.net, ema):
+                    val_curve.append(_flow_loss(flow, *val_post, cfg.eval_batch_size, cfg.seed, val_attrs,
+                                                cfg.flow_time))
+            bar.set_postfix(loss=f"{history[-1]:.3f}", **({"val": f"{val_curve[-1]:.3f}"} if val_curve else {}))
     _copy_weights(flow.net, flow.net, ema)
     flow.eval()
     flow.trained.fill_(True)
-    val_loss = None
-    if val_from is not None and len(val_from):
-        val_loss = _flow_loss(flow, *encode_posteriors(model, val_from, cfg.eval_batch_size), cfg.eval_batch_size,
-                              cfg.seed, val_attrs, cfg.flow_time)
-    return PriorResult(history, val_loss)
+    return PriorResult(history, val_curve[-1] if val_curve else None, steps, val_curve)
+
+
+@contextlib.contextmanager
+def _weights(net: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Run the body with `params` in place of `net`'s parameters and in eval mode; then put back its own weights
+    and mode."""
+    own = [p.detach().clone() for p in net.parameters()]
+    was_training = net.training
+    _copy_weights(net, net, params)
+    net.eval()
+    try:
+        yield
+    finally:
+        _copy_weights(net, net, own)
+        net.train(was_training)
 
 
 @torch.no_grad()

@@ -72,6 +72,10 @@ def test_quality_bench_prints_the_table_and_checks_targets(tmp_path):
     sweep = results["vae"]["autoguidance_sweep"]
     assert [r["w"] for r in sweep] == [1.0] and 0 < sweep[0]["fd_ratio"] and (tmp_path / "out" / "vae-w1.png").is_file()
     assert "| 1 | " in text
+    for family in ("vqvae", "vae"):                    # each prior's held-out curve, and where it was lowest
+        curve = results[family]["prior_curve"]
+        assert [r["step"] for r in curve] == [1, 2, 3, 4, 5] and all(math.isfinite(r["val_loss"]) for r in curve)
+        assert any(line.startswith(f"{family} prior: held-out loss") for line in text.splitlines())
 
 
 def _quality_module():

@@ -171,3 +171,18 @@ def test_runs_of_a_parent_process_are_not_closed_by_a_child(monkeypatch):
     monkeypatch.undo()
     assert closed == [] and "parent-run" in safety.open_runs()
     safety.unregister_run("parent-run")
+
+
+def test_the_prior_curves_are_logged_by_prior_step(sqlite_uri, fake_store):
+    """A VQ-VAE's code prior trains after the epochs: its training and held-out loss go to MLflow as
+    `prior_train_loss` / `prior_val_loss`, one point per twentieth of its steps, stepped by prior step."""
+    hook = MlflowHook(tracking_uri=sqlite_uri, experiment="hook-prior", system_metrics=False, log_model=False)
+    model_cfg = tiny_model_cfg(family="vqvae", latent="spatial", grid=4, codebook_size=16, code_dim=8,
+                               prior_channels=16, prior_layers=1)
+    result = train(model_cfg, tiny_train_cfg(epochs=1, prior_steps=40), fake_store, hooks=[hook], progress=False)
+    client = MlflowClient(sqlite_uri)
+    for key in ("train_loss", "val_loss"):
+        history = sorted(client.get_metric_history(hook.run_id, f"prior_{key}"), key=lambda m: m.step)
+        assert [m.step for m in history] == [r["step"] for r in result.prior_curve] == list(range(2, 41, 2))
+        assert [m.value for m in history] == pytest.approx([r[key] for r in result.prior_curve])
+    assert client.get_run(hook.run_id).info.status == "FINISHED"

@@ -134,12 +134,19 @@ def test_hook_can_stop_training_early(demo_store):
     assert hook.ended is result
 
 
-def test_vqvae_trains_its_prior_and_can_sample(demo_store):
+def test_vqvae_trains_its_prior_and_can_sample(demo_store, tmp_path):
+    from mrigen.train import LocalLogger
+
     model_cfg, train_cfg = configs("vqvae", epochs=1)
-    result = train(model_cfg, train_cfg, demo_store, progress=False)
+    result = train(model_cfg, train_cfg, demo_store, hooks=[LocalLogger(tmp_path)], progress=False)
     assert len(result.extra["prior_loss"]) == 20                  # one point per twentieth of prior_steps
     assert result.extra["prior_loss"][-1] < result.extra["prior_loss"][0]
     assert result.extra["prior_val_nll"] is not None and math.isfinite(result.extra["prior_val_nll"])
+    # the prior's curves go to the hooks: by prior step, training and held-out loss, next to the epoch history
+    rows = json.loads((tmp_path / "prior_history.json").read_text())
+    assert rows == result.prior_curve and [r["step"] for r in rows] == list(range(2, 41, 2))
+    assert [r["train_loss"] for r in rows] == result.extra["prior_loss"]
+    assert rows[-1]["val_loss"] == result.extra["prior_val_nll"]
     samples = result.model.sample(4, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, 1, 32, 32)
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0

@@ -1,0 +1,106 @@
+"""The second stage's loss curves: `train_prior` and `train_latent_flow` report the held-out loss at every report
+point (the figure that shows a prior fitting its training grids rather than their distribution), without changing
+what they train; `train()` hands the curves to its hooks (prior_history.json, MLflow `prior_*` metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mrigen.models.latent_flow import FlowLatentPrior
+from mrigen.models.prior import CodePrior
+from mrigen.train import TrainConfig
+from mrigen.train.prior import REPORTS, _flow_loss, train_latent_flow, train_prior
+
+GRID, CODES = 4, 8
+
+
+class _Codes(nn.Module):
+    """A stand-in VQ-VAE whose "images" (N, 1, 4, 4) hold their own code indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prior = CodePrior(CODES, GRID * GRID, channels=32, layers=2)
+        self.prior_marked = False
+
+    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0].long()
+
+    def mark_prior_trained(self) -> None:
+        self.prior_marked = True
+
+
+def _grids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, CODES, (n, 1, GRID, GRID), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def _train_codes(train_x, val_x, steps: int = 300):
+    torch.manual_seed(0)
+    model = _Codes()
+    cfg = TrainConfig(prior_steps=steps, prior_batch_size=4, prior_lr=3e-3, eval_batch_size=64, seed=0)
+    return model, train_prior(model, train_x, cfg, val_codes_from=val_x, progress=False)
+
+
+def test_the_held_out_curve_of_a_code_prior_turns_up_when_it_memorises_its_grids():
+    """Four random training grids, held-out grids from the same uniform distribution: the prior learns them by
+    heart, so its training NLL falls towards 0 while the held-out NLL climbs far past log(8), that of knowing
+    nothing."""
+    model, result = _train_codes(_grids(4, 0), _grids(64, 1))
+    assert model.prior_marked
+    assert len(result.steps) == len(result.train_nll) == len(result.val_curve) == REPORTS
+    assert result.steps == sorted(result.steps) and result.steps[-1] == 300
+    assert result.train_nll[-1] < 0.2 < 1.0 < result.train_nll[0]
+    assert result.val_curve[-1] > result.val_curve[0] + 1.0 and result.val_curve[-1] > math.log(CODES) + 1.0
+    assert result.val_nll == result.val_curve[-1]               # the final figure is the curve's last point
+    assert result.rows()[-1] == {"step": 300, "train_loss": result.train_nll[-1], "val_loss": result.val_curve[-1]}
+
+
+def test_measuring_the_held_out_curve_does_not_change_the_code_prior():
+    with_val, _ = _train_codes(_grids(16, 0), _grids(16, 1), steps=60)
+    without, result = _train_codes(_grids(16, 0), None, steps=60)
+    for p, q in zip(with_val.prior.parameters(), without.prior.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert result.val_nll is None and result.val_curve == [] and "val_loss" not in result.rows()[0]
+
+
+class _Posteriors(nn.Module):
+    """A stand-in VAE whose posterior of an image (N, 2, 4, 4) is the image itself, with sd ~0.01."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent_prior = FlowLatentPrior((2, 4, 4), width=16, ode_steps=10, guide=True)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, torch.full_like(x, -9.0)
+
+
+def _latents(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    level = 2.0 + 1.5 * torch.randn(n, 1, 1, 1, generator=gen)
+    return torch.cat([level, -level], 1) + 0.05 * torch.randn(n, 2, 4, 4, generator=gen)
+
+
+def _train_flow(val_x):
+    torch.manual_seed(0)
+    model = _Posteriors()
+    cfg = TrainConfig(prior_steps=100, prior_batch_size=32, prior_lr=3e-3, eval_batch_size=64, seed=0,
+                      flow_guide_at=0.3)
+    return model, train_latent_flow(model, _latents(256, 0), cfg, val_from=val_x, progress=False)
+
+
+def test_the_flow_reports_its_held_out_loss_with_the_weights_it_samples_with():
+    held_out = _latents(64, 1)
+    model, result = _train_flow(held_out)
+    flow = model.latent_prior
+    assert len(result.val_curve) == REPORTS and result.steps[-1] == 100
+    assert result.val_curve[-1] < result.val_curve[0]          # the flow learns the distribution
+    # the last point is the final (EMA) weights' held-out loss, as the trainer's own loss function gives it
+    assert result.val_nll == result.val_curve[-1] == pytest.approx(
+        _flow_loss(flow, held_out, torch.full_like(held_out, -9.0), 64, 0))
+    unmeasured, plain = _train_flow(None)
+    for p, q in zip(flow.parameters(), unmeasured.latent_prior.parameters(), strict=True):
+        assert torch.equal(p, q)                                # measuring it changed neither the flow nor its guide
+    assert flow.net.training is False and plain.val_curve == []
