@@ -119,13 +119,15 @@ def autoguidance_sweep(model, store, weights: tuple[float, ...], out: Path, samp
     return rows
 
 
-def prior_line(family: str, curve: list[dict[str, float]]) -> str:
+def prior_line(family: str, curve: list[dict[str, float]], kept_step: int | None) -> str:
     """One line on the prior's held-out curve: where it was lowest, against where it ended (a prior that fits its
-    training grids rather than their distribution ends above its lowest point)."""
+    training grids rather than their distribution ends above its lowest point), and which weights were kept."""
     best = min(curve, key=lambda r: r["val_loss"])
     last = curve[-1]
+    kept = "the last step's" if kept_step is None else f"step {kept_step}'s (train.prior_keep_best)"
     return (f"{family} prior: held-out loss {last['val_loss']:.4f} at its last step ({last['step']}), lowest "
-            f"{best['val_loss']:.4f} at step {best['step']}; training loss {last['train_loss']:.4f}")
+            f"{best['val_loss']:.4f} at step {best['step']}; training loss {last['train_loss']:.4f}; kept {kept} "
+            f"weights")
 
 
 def model_device(model) -> torch.device:
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = save_grids(result.model, store, args.out, family)
         rows[family] = m
         if result.prior_curve and "val_loss" in result.prior_curve[-1]:
-            m["prior_curve"] = result.prior_curve
-            print(prior_line(family, result.prior_curve), flush=True)
+            m["prior_curve"], m["prior_kept_step"] = result.prior_curve, result.extra.get("prior_kept_step")
+            print(prior_line(family, result.prior_curve, m["prior_kept_step"]), flush=True)
         if sweep and getattr(result.model.config, "flow_guide", False):
             m["autoguidance_sweep"] = autoguidance_sweep(result.model, store, sweep, args.out, args.samples)
         print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}; "

@@ -55,6 +55,10 @@ class TrainConfig:
                                      # steps of the prior after the autoencoder
     prior_lr: float = 1e-3           # those priors' learning rate (cosine decay to 10% over prior_steps)
     prior_batch_size: int = 64       # those priors: code grids / latents per step
+    prior_keep_best: bool = True     # those priors: keep the weights of the report (every twentieth of the steps)
+                                     # with the lowest held-out loss when the last one ends more than 1% above it (a
+                                     # prior fitting its training grids, not their distribution); the flow keeps
+                                     # none from before its guide was taken
     flow_time: str = "uniform"       # VAE flow prior: how a training step draws its path time t: "uniform" in
                                      # [0, 1] or "logit_normal" (sigmoid of N(0, 1): more steps mid-path, where the
                                      # velocity is hardest to learn; fd_ratio 1.18-1.27 vs 1.43-1.49 at 2,500 steps)
@@ -86,6 +90,9 @@ class TrainConfig:
         for name in ("condition_dropout", "condition_dropout_all"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
+        for name in ("prior_keep_best", "final_eval"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be true or false")
         if not 0 < self.flow_guide_at < 1:
             raise ValueError(f"TrainConfig.flow_guide_at={self.flow_guide_at!r} must be in (0, 1)")
         if self.recon not in _RECON:

@@ -27,7 +27,7 @@ from mrigen.train.hooks import Hook, StopTraining, TrainContext
 from mrigen.train.augment import augment_batch
 from mrigen.train.images import make_grid
 from mrigen.models.condition import encode_rows
-from mrigen.train.prior import drop_conditions, train_latent_flow, train_prior
+from mrigen.train.prior import PriorResult, drop_conditions, train_latent_flow, train_prior
 from mrigen.train.state import CheckpointError, CheckpointWriter, load_checkpoint
 
 __all__ = ["train", "TrainResult", "epoch_seed"]
@@ -50,6 +50,13 @@ class TrainResult:
     # the second stage (VQ-VAE code prior, VAE flow prior), one row per report: {"step", "train_loss"[, "val_loss"]}
     # (code prior: NLL in nats per code; flow: flow-matching loss; val_loss on the held-out split); [] without one
     prior_curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _log_kept(name: str, prior: PriorResult) -> None:
+    if prior.kept_step is not None:
+        log.info("%s: kept the weights of step %d of %d (held-out loss %.4f; %.4f at the last step: the prior was "
+                 "fitting its training data, not their distribution)", name, prior.kept_step, prior.steps[-1],
+                 prior.val_nll, prior.val_curve[-1])
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -424,12 +431,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             result.extra["prior_loss"] = prior.train_nll
             result.extra["prior_val_nll"] = prior.val_nll
             result.prior_curve = prior.rows()
+            result.extra["prior_kept_step"] = prior.kept_step
+            _log_kept("code prior", prior)
         if model_cfg.latent_prior == "flow" and not result.stopped_early and train_cfg.prior_steps > 0:
             flow = train_latent_flow(model, train_x, train_cfg, val_from=val_x, progress=progress,
                                      train_attrs=train_attrs, val_attrs=val_attrs)
             result.extra["flow_loss"] = flow.train_nll
             result.extra["flow_val_loss"] = flow.val_nll
             result.prior_curve = flow.rows()
+            result.extra["prior_kept_step"] = flow.kept_step
+            _log_kept("flow prior", flow)
         model.eval()
         can_sample = bool(getattr(model, "prior_trained", False))    # VAE: N(0, I), or its fitted / trained prior
         if train_cfg.final_eval and not result.stopped_early:

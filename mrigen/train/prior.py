@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from mrigen.train.config import TrainConfig
 
-__all__ = ["FLOW_EMA_DECAY", "PriorResult", "drop_conditions", "encode_posteriors", "encode_split", "train_latent_flow",
-           "train_prior"]
+__all__ = ["FLOW_EMA_DECAY", "PriorResult", "best_report", "drop_conditions", "encode_posteriors", "encode_split",
+           "train_latent_flow", "train_prior"]
 
 REPORTS = 20  # points in the returned loss curves (training, and held-out when held-out data is given)
+KEEP_BEST_MARGIN = 0.01  # cfg.prior_keep_best: the last held-out loss must exceed the lowest by this share
 FLOW_EMA_DECAY = 0.999  # the flow prior samples with an exponential moving average of its weights
 
 
@@ -29,13 +30,15 @@ class PriorResult(NamedTuple):
     the steps (code prior: NLL in nats per code; flow: flow-matching loss); `steps`: the step each point ends at;
     `val_curve`: the held-out loss at those steps, with the weights the prior would sample with then (the flow's
     EMA) (empty when no held-out data was given): a curve that turns up while the training loss falls is a prior
-    fitting its training grids rather than their distribution; `val_nll`: the held-out loss of the final weights
-    (None without held-out data; equal to `val_curve[-1]`)."""
+    fitting its training grids rather than their distribution; `val_nll`: the held-out loss of the weights kept
+    (None without held-out data); `kept_step`: the step whose weights were kept instead of the last one's
+    (`TrainConfig.prior_keep_best`), None when the last weights were kept."""
 
     train_nll: list[float]
     val_nll: float | None
     steps: list[int] = []
     val_curve: list[float] = []
+    kept_step: int | None = None
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per report: {"step", "train_loss"} and "val_loss" when held-out data was given."""
@@ -97,8 +100,9 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         model: a VQVAE (its autoencoder is frozen here).
         train_x: (N, 1, H, W) training images on the model's device.
         cfg: prior_steps, prior_batch_size, prior_lr, seed, eval_batch_size.
-        val_codes_from: optional held-out images (M, 1, H, W); their NLL under the trained prior is reported
-            (an NLL far above the training one means the prior memorised the training grids).
+        val_codes_from: optional held-out images (M, 1, H, W); their NLL is measured at every report (an NLL
+            climbing while the training one falls means the prior is memorising the training grids); with
+            `cfg.prior_keep_best` the weights of the lowest one are kept when the last ends more than 1% above it.
         train_attrs, val_attrs: encoded attributes (N, A) / (M, A) of a conditional prior (see
             mrigen.models.condition); each training row's attributes are hidden with chance
             `cfg.condition_dropout` each, and all at once with chance `cfg.condition_dropout_all`.
@@ -119,6 +123,7 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
     history: list[float] = []
     steps: list[int] = []
     val_curve: list[float] = []
+    best: list[torch.Tensor] = []        # the parameters at the lowest held-out loss (cfg.prior_keep_best)
     total = torch.zeros((), device=device)
     bar = tqdm(range(cfg.prior_steps), desc="train code prior", unit="step", disable=not progress)
     for step in bar:
@@ -140,10 +145,26 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
                 prior.eval()
                 val_curve.append(_mean_nll(prior, val_codes, cfg.eval_batch_size, val_attrs))
                 prior.train()
+                if cfg.prior_keep_best and val_curve[-1] < min(val_curve[:-1], default=math.inf):
+                    best = [t.detach().clone() for t in prior.parameters()]
             bar.set_postfix(nll=f"{history[-1]:.3f}", **({"val": f"{val_curve[-1]:.3f}"} if val_curve else {}))
     prior.eval()
+    kept = best_report(val_curve) if cfg.prior_keep_best else None
+    if kept is not None:
+        _copy_weights(prior, prior, best)
     model.mark_prior_trained()
-    return PriorResult(history, val_curve[-1] if val_curve else None, steps, val_curve)
+    return PriorResult(history, val_curve[-1 if kept is None else kept] if val_curve else None, steps, val_curve,
+                       None if kept is None else steps[kept])
+
+
+def best_report(val_curve: list[float], first: int = 0) -> int | None:
+    """Index of the lowest held-out loss among reports `first`.., when the last report ends more than
+    `KEEP_BEST_MARGIN` above it (the prior then fits its training data, not their distribution); else None (keep the
+    last weights: a curve still falling, or flat within the margin)."""
+    if len(val_curve) <= first:
+        return None
+    best = min(range(first, len(val_curve)), key=val_curve.__getitem__)
+    return best if val_curve[-1] > val_curve[best] * (1 + KEEP_BEST_MARGIN) else None
 
 
 @torch.no_grad()
@@ -178,9 +199,11 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
         model: a VAE with `latent_prior == "flow"` (its autoencoder is frozen here).
         train_x: (N, 1, H, W) training images on the model's device.
         cfg: prior_steps, prior_batch_size, prior_lr, flow_time, flow_guide_at, seed, eval_batch_size.
-        val_from: optional held-out images (M, 1, H, W); their flow-matching loss under the final (EMA) weights is
-            reported (one far above the training loss means the flow fitted the training latents, not the
-            distribution; measured on the demo cohort: 0.95-0.97 held-out vs 0.90-0.93 training).
+        val_from: optional held-out images (M, 1, H, W); their flow-matching loss under the EMA weights is
+            measured at every report (one far above the training loss means the flow fitted the training latents,
+            not the distribution; measured on the demo cohort: 0.95-0.97 held-out vs 0.90-0.93 training); with
+            `cfg.prior_keep_best` the EMA weights of the lowest one (from the guide's step on) are kept when the
+            last ends more than 1% above it.
         train_attrs, val_attrs: encoded attributes (N, A) / (M, A) of a conditional flow; each training row's
             attributes are hidden with chance `cfg.condition_dropout` each, and all at once with chance
             `cfg.condition_dropout_all` (what classifier-free guidance needs).
@@ -206,6 +229,8 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     history: list[float] = []
     steps: list[int] = []
     val_curve: list[float] = []
+    first_kept = 0                       # reports before the guide step cannot be kept (cfg.prior_keep_best)
+    best: list[torch.Tensor] = []
     total = torch.zeros((), device=device)
     flow.train()
     bar = tqdm(range(cfg.prior_steps), desc="train flow prior", unit="step", disable=not progress)
@@ -232,11 +257,17 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
                 with _weights(flow.net, ema):
                     val_curve.append(_flow_loss(flow, *val_post, cfg.eval_batch_size, cfg.seed, val_attrs,
                                                 cfg.flow_time))
+                if flow.guide is not None and step + 1 < guide_step:  # never keep a flow weaker than its guide
+                    first_kept = len(val_curve)
+                elif cfg.prior_keep_best and val_curve[-1] < min(val_curve[first_kept:-1], default=math.inf):
+                    best = [t.detach().clone() for t in ema]
             bar.set_postfix(loss=f"{history[-1]:.3f}", **({"val": f"{val_curve[-1]:.3f}"} if val_curve else {}))
-    _copy_weights(flow.net, flow.net, ema)
+    kept = best_report(val_curve, first_kept) if cfg.prior_keep_best else None
+    _copy_weights(flow.net, flow.net, ema if kept is None else best)
     flow.eval()
     flow.trained.fill_(True)
-    return PriorResult(history, val_curve[-1] if val_curve else None, steps, val_curve)
+    return PriorResult(history, val_curve[-1 if kept is None else kept] if val_curve else None, steps, val_curve,
+                       None if kept is None else steps[kept])
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch import nn
 from mrigen.models.latent_flow import FlowLatentPrior
 from mrigen.models.prior import CodePrior
 from mrigen.train import TrainConfig
-from mrigen.train.prior import REPORTS, _flow_loss, train_latent_flow, train_prior
+from mrigen.train.prior import REPORTS, _flow_loss, _mean_nll, best_report, encode_split, train_latent_flow, train_prior
 
 GRID, CODES = 4, 8
 
@@ -37,10 +37,11 @@ def _grids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, CODES, (n, 1, GRID, GRID), generator=torch.Generator().manual_seed(seed)).float()
 
 
-def _train_codes(train_x, val_x, steps: int = 300):
+def _train_codes(train_x, val_x, steps: int = 300, keep_best: bool = False):
     torch.manual_seed(0)
     model = _Codes()
-    cfg = TrainConfig(prior_steps=steps, prior_batch_size=4, prior_lr=3e-3, eval_batch_size=64, seed=0)
+    cfg = TrainConfig(prior_steps=steps, prior_batch_size=4, prior_lr=3e-3, eval_batch_size=64, seed=0,
+                      prior_keep_best=keep_best)
     return model, train_prior(model, train_x, cfg, val_codes_from=val_x, progress=False)
 
 
@@ -55,7 +56,32 @@ def test_the_held_out_curve_of_a_code_prior_turns_up_when_it_memorises_its_grids
     assert result.train_nll[-1] < 0.2 < 1.0 < result.train_nll[0]
     assert result.val_curve[-1] > result.val_curve[0] + 1.0 and result.val_curve[-1] > math.log(CODES) + 1.0
     assert result.val_nll == result.val_curve[-1]               # the final figure is the curve's last point
+    assert result.kept_step is None                             # prior_keep_best off: the last weights
     assert result.rows()[-1] == {"step": 300, "train_loss": result.train_nll[-1], "val_loss": result.val_curve[-1]}
+
+
+def test_keep_best_restores_the_weights_of_the_lowest_held_out_loss():
+    """The same memorising prior with `prior_keep_best`: it ends with the weights of its first report (the lowest
+    held-out NLL), which score that NLL again; the curve itself is the same as without."""
+    val = _grids(64, 1)
+    model, result = _train_codes(_grids(4, 0), val, keep_best=True)
+    _, plain = _train_codes(_grids(4, 0), val)
+    assert model.prior.training is False and model.prior_marked
+    assert result.val_curve == plain.val_curve and result.kept_step == result.steps[0] == 15
+    assert result.val_nll == min(result.val_curve) == pytest.approx(
+        _mean_nll(model.prior, encode_split(model, val, 64), 64), rel=1e-6)
+
+
+@pytest.mark.parametrize("curve,first,kept", [
+    ([3.0, 2.0, 1.0], 0, None),             # still falling: the last weights
+    ([3.0, 1.0, 1.005], 0, None),           # up by 0.5%, within the margin: the last weights
+    ([3.0, 1.0, 1.2, 1.5], 0, 1),           # up by 50% from report 1: report 1
+    ([0.5, 1.0, 1.2, 1.5], 1, 1),           # the lowest report is not eligible (before the guide): the lowest after
+    ([0.5, 1.0], 2, None),                  # no eligible report
+    ([], 0, None),
+])
+def test_best_report_keeps_the_lowest_only_beyond_the_margin(curve, first, kept):
+    assert best_report(curve, first) == kept
 
 
 def test_measuring_the_held_out_curve_does_not_change_the_code_prior():
@@ -83,11 +109,11 @@ def _latents(n: int, seed: int) -> torch.Tensor:
     return torch.cat([level, -level], 1) + 0.05 * torch.randn(n, 2, 4, 4, generator=gen)
 
 
-def _train_flow(val_x):
+def _train_flow(val_x, keep_best: bool = True):
     torch.manual_seed(0)
     model = _Posteriors()
     cfg = TrainConfig(prior_steps=100, prior_batch_size=32, prior_lr=3e-3, eval_batch_size=64, seed=0,
-                      flow_guide_at=0.3)
+                      flow_guide_at=0.3, prior_keep_best=keep_best)
     return model, train_latent_flow(model, _latents(256, 0), cfg, val_from=val_x, progress=False)
 
 
@@ -103,4 +129,25 @@ def test_the_flow_reports_its_held_out_loss_with_the_weights_it_samples_with():
     unmeasured, plain = _train_flow(None)
     for p, q in zip(flow.parameters(), unmeasured.latent_prior.parameters(), strict=True):
         assert torch.equal(p, q)                                # measuring it changed neither the flow nor its guide
-    assert flow.net.training is False and plain.val_curve == []
+    assert flow.net.training is False and plain.val_curve == [] and result.kept_step is None
+
+
+def test_a_flow_keeps_its_best_ema_weights_but_none_from_before_its_guide(monkeypatch):
+    """With a scripted held-out curve: lowest at the first reports (before the guide is taken at step 30), then
+    lowest again at step 45, rising after: the flow keeps step 45's EMA weights (a flow never weaker than its guide),
+    its guide is untouched, and the loss it reports is step 45's."""
+    import mrigen.train.prior as prior_module
+
+    curve = [0.1] * 5 + [1.0, 2.0, 2.0, 0.5] + [2.0] * 11        # reports at steps 5, 10, ..., 100
+    scripted = iter(curve)
+    monkeypatch.setattr(prior_module, "_flow_loss", lambda *args, **kw: next(scripted))
+    kept_model, kept = _train_flow(_latents(64, 1))
+    monkeypatch.undo()
+    last_model, last = _train_flow(_latents(64, 1), keep_best=False)
+    assert kept.val_curve == curve and kept.kept_step == 45 and kept.val_nll == 0.5
+    assert last.kept_step is None
+    for p, q in zip(kept_model.latent_prior.guide.parameters(), last_model.latent_prior.guide.parameters(),
+                    strict=True):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(kept_model.latent_prior.net.parameters(),
+                                                     last_model.latent_prior.net.parameters()))

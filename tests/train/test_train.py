@@ -146,7 +146,9 @@ def test_vqvae_trains_its_prior_and_can_sample(demo_store, tmp_path):
     rows = json.loads((tmp_path / "prior_history.json").read_text())
     assert rows == result.prior_curve and [r["step"] for r in rows] == list(range(2, 41, 2))
     assert [r["train_loss"] for r in rows] == result.extra["prior_loss"]
-    assert rows[-1]["val_loss"] == result.extra["prior_val_nll"]
+    kept = result.extra["prior_kept_step"]                       # train.prior_keep_best (on by default)
+    held_out = {r["step"]: r["val_loss"] for r in rows}
+    assert result.extra["prior_val_nll"] == held_out[kept if kept is not None else 40]
     samples = result.model.sample(4, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, 1, 32, 32)
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
