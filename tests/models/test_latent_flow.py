@@ -9,7 +9,7 @@ from torch import nn
 from mrigen.models import ModelConfig
 from mrigen.models.latent_flow import FlowLatentPrior, VelocityNet
 from mrigen.train.config import TrainConfig
-from mrigen.train.prior import train_latent_flow
+from mrigen.train.prior import REPORTS, train_latent_flow
 
 SHAPE = (2, 4, 4)
 
@@ -117,8 +117,8 @@ def test_logit_normal_time_puts_the_training_mid_path_and_train_latent_flow_uses
     model.latent_prior.net = spy = _TimeSpy()
     cfg = TrainConfig(prior_steps=40, prior_batch_size=200, eval_batch_size=256, flow_time="logit_normal")
     train_latent_flow(model, _structured_images(400, 0), cfg, val_from=_structured_images(256, 1), progress=False)
-    t = torch.cat(spy.times)                                   # 40 training batches + the held-out loss
-    assert t.numel() == 40 * 200 + 256
+    t = torch.cat(spy.times)                   # 40 training batches + the held-out loss at each of the 20 reports
+    assert t.numel() == 40 * 200 + REPORTS * 256
     assert float(((t > 0.25) & (t < 0.75)).float().mean()) == pytest.approx(0.728, abs=0.03)
 
 
