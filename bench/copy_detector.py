@@ -1,8 +1,9 @@
 """What the copy detector (`memorised`) flags on one store, and how the VAE's fitted latent prior changes it.
 
 Part 1, the store alone: the memorised share of real slices transformed the ways a generator could reproduce or
-miss them: slices of the unseen test subjects (clean, blurred), and training slices (exact, with noise, blurred,
-flipped left-right, shifted by whole pixels). A detector that works flags the copies and none of the unseen ones.
+miss them: slices of the unseen test subjects (clean, blurred, flipped), and training slices (exact, with noise,
+blurred, flipped left-right, shifted by whole pixels). A detector that works flags the copies and none of the unseen
+ones.
 
 Part 2, per `--model` (a saved VAE with `latent_prior: fitted`): its mixture prior refitted to the training slices'
 posterior means with plain k-means (every cluster a component, as before 2026-11-28) and with the pooled one (each
@@ -49,6 +50,7 @@ def detector_rows(store: SliceStore, n: int = 500) -> list[tuple[str, float]]:
 
     cases = {"unseen test slices": test}
     cases.update({f"unseen test slices, blurred {s} px": blur(test, s) for s in (0.7, 1.0, 1.5)})
+    cases["unseen test slices, flipped left-right"] = test.flip(-1)
     cases["training slices (exact copies)"] = copies
     cases.update({f"training slices + noise std {s}":
                   (copies + s * torch.randn(copies.shape, generator=gen)).clamp(0, 1) for s in (0.02, 0.05)})

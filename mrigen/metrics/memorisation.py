@@ -9,6 +9,11 @@ a new brain is that close, so such a sample is (nearly) a copy.
 other training subjects. With the reference alone (12 subjects on the demo store) the minimum is a poor tail
 estimate: 19% of the slices of 12 other held-out subjects fell below it; with the leave-one-subject-out
 distances added (96 more subjects) none did, while exact copies still score 1.
+
+The training set includes each training slice's left-right mirror image (`mirror=True`, the default): a mirrored
+training slice is no new brain either, and models whose autoencoder (`train.augment`) or prior
+(`train.prior_mirror`) trained on mirrors can draw one (before: 0.002 of 500 mirrored training slices flagged,
+now 1.000). The threshold then comes from the same mirror-augmented set, so unseen slices still score ~0.
 """
 
 from __future__ import annotations
@@ -71,12 +76,14 @@ def nn_distances(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 512, q
 
 @torch.no_grad()
 def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, *,
-                 train_groups: torch.Tensor | None = None, max_side: int = MEMO_SIZE, seed: int = 0
-                 ) -> dict[str, float]:
+                 train_groups: torch.Tensor | None = None, max_side: int = MEMO_SIZE, seed: int = 0,
+                 mirror: bool = True) -> dict[str, float]:
     """Copy detector: share of samples nearer to the training set than any real slice of an unseen subject.
 
     Threshold = min of (each held-out slice's NN distance to `train`) and, when `train_groups` is given, (the
-    NN distance of up to `LOSO_QUERIES` training slices to the training slices of OTHER subjects).
+    NN distance of up to `LOSO_QUERIES` training slices to the training slices of OTHER subjects). With `mirror`,
+    "the training slices" (what samples and held-out slices are compared against) include each one's left-right
+    mirror image, a mirror taking its slice's subject.
 
     Args:
         samples: `(N, 1, H, W)` generated images in [0, 1].
@@ -85,6 +92,7 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tens
         train_groups: `(M,)` int64 subject ids of the training slices (None: held-out slices only).
         max_side: side the images are pooled down to before distances.
         seed: seeds the draw of leave-one-subject-out queries when there are more than `LOSO_QUERIES`.
+        mirror: also count a sample near a mirrored training slice as a copy (False: the slices as given).
 
     Returns:
         `memorised` (share of samples below the threshold), `nn_train_dist` (median sample NN distance to
@@ -93,6 +101,10 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tens
     if train_groups is not None and tuple(train_groups.shape) != (train.shape[0],):
         raise ValueError(f"train_groups must be ({train.shape[0]},) labels; got shape {tuple(train_groups.shape)}")
     bank = downsample(train, max_side)
+    queries = bank                                         # leave-one-subject-out queries: the slices as given
+    if mirror:
+        bank = torch.cat([bank, downsample(train.flip(-1), max_side)])
+        train_groups = None if train_groups is None else torch.cat([train_groups, train_groups])
     d_fake = nn_distances(downsample(samples, max_side), bank)
     d_real = nn_distances(downsample(heldout, max_side), bank)
     threshold = d_real.min()
@@ -101,7 +113,7 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tens
         if len(idx) > LOSO_QUERIES:
             idx = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:LOSO_QUERIES]
         groups = train_groups.to(bank.device)
-        loso = nn_distances(bank[idx.to(bank.device)], bank, query_groups=groups[idx.to(bank.device)],
+        loso = nn_distances(queries[idx.to(bank.device)], bank, query_groups=groups[idx.to(bank.device)],
                             bank_groups=groups)
         threshold = torch.minimum(threshold, loso.min())
     return {"memorised": float((d_fake < threshold).double().mean()),

@@ -180,6 +180,23 @@ def test_the_copy_detector_flags_soft_copies_but_not_soft_unseen_slices(cohort) 
 
 
 @pytest.mark.slow
+def test_the_copy_detector_flags_mirrored_copies_but_not_unseen_slices_or_their_mirrors(cohort) -> None:
+    """A training slice flipped left-right is no new brain (a model trained with mirrors can draw one); the demo
+    brains are not symmetric, so only a check that includes the mirrors flags it, and unseen subjects' slices,
+    as they are or mirrored, must stay below the threshold the mirrors also lower."""
+    store, _ = cohort
+    train, val, test = (store.tensor(split).float() for split in ("train", "val", "test"))
+    names = [row["subject"] for row in store.slices("train")]
+    groups = torch.tensor([sorted(set(names)).index(name) for name in names])
+    mirrored = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:300]].flip(-1)
+    caught = memorisation(mirrored, train, val, train_groups=groups)
+    missed = memorisation(mirrored, train, val, train_groups=groups, mirror=False)
+    unseen = memorisation(torch.cat([test, test.flip(-1)]), train, val, train_groups=groups)
+    assert caught["memorised"] == 1.0 and missed["memorised"] <= 0.05, (caught, missed)
+    assert unseen["memorised"] <= 0.01, unseen
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", list(FAILURES))
 def test_every_failure_scores_worse_than_clean_real_slices(cohort, clean, failure: str) -> None:
     store, net = cohort

@@ -44,10 +44,23 @@ def test_copies_score_one_and_held_out_subjects_zero(tmp_path) -> None:
     groups = torch.tensor([subjects[r["subject"]] for r in store.slices("train")])
     copies = memorisation(train[torch.randperm(len(train))[:30]], train, val, train_groups=groups)
     assert copies["memorised"] == 1.0 and copies["nn_train_dist"] < 1e-3 < copies["nn_train_dist_real"]
-    held_out = memorisation(test, train, val, train_groups=groups)
+    held_out = memorisation(test, train, val, train_groups=groups, mirror=False)   # (symmetric phantoms: below)
     assert held_out["memorised"] <= 0.05 and held_out["nn_train_dist"] > 0.01
     near_copies = memorisation((train[:30] + 0.002 * torch.randn(30, *train.shape[1:])).clamp(0, 1),
-                               train, val, train_groups=groups)
+                               train, val, train_groups=groups, mirror=False)
     assert near_copies["memorised"] == 1.0
     with pytest.raises(ValueError, match="train_groups"):
         memorisation(test, train, val, train_groups=groups[:5])
+
+
+
+def test_mirrored_copies_are_flagged(tmp_path) -> None:
+    """The synthetic phantoms are nearly left-right symmetric, so a mirror is close to its slice either way; the
+    demo-cohort test (test_metrics_discrimination) checks that unseen slices stay unflagged with mirrors."""
+    store = SyntheticStore(tmp_path, subjects={"train": 6, "val": 3, "test": 3})
+    train, val = store.tensor("train"), store.tensor("val")
+    subjects = {name: i for i, name in enumerate(sorted({r["subject"] for r in store.slices("train")}))}
+    groups = torch.tensor([subjects[r["subject"]] for r in store.slices("train")])
+    mirrored = memorisation(train[:30].flip(-1), train, val, train_groups=groups)
+    assert mirrored["memorised"] == 1.0 and mirrored["nn_train_dist"] < 1e-3
+    assert memorisation(train[:30].flip(-1), train, val, train_groups=groups, mirror=False)["nn_train_dist"] > 1e-3
