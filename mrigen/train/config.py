@@ -59,6 +59,9 @@ class TrainConfig:
                                      # with the lowest held-out loss when the last one ends more than 1% above it (a
                                      # prior fitting its training grids, not their distribution); the flow keeps
                                      # none from before its guide was taken
+    prior_mirror: bool = False       # those priors: also train on the code grids / latents of every training slice's
+                                     # left-right mirror image (twice the data for the stage that overfits first;
+                                     # the copy detector counts a mirrored training slice as a copy)
     flow_time: str = "uniform"       # VAE flow prior: how a training step draws its path time t: "uniform" in
                                      # [0, 1] or "logit_normal" (sigmoid of N(0, 1): more steps mid-path, where the
                                      # velocity is hardest to learn; fd_ratio 1.18-1.27 vs 1.43-1.49 at 2,500 steps)
@@ -90,7 +93,7 @@ class TrainConfig:
         for name in ("condition_dropout", "condition_dropout_all"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
-        for name in ("prior_keep_best", "final_eval"):
+        for name in ("prior_keep_best", "prior_mirror", "final_eval"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be true or false")
         if not 0 < self.flow_guide_at < 1:

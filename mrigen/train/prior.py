@@ -58,8 +58,9 @@ def drop_conditions(attrs: torch.Tensor, p: float, gen: torch.Generator, p_all: 
 
 
 @torch.no_grad()
-def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Nearest-code indices of every image.
+def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int, mirror: bool = False
+                 ) -> torch.Tensor:
+    """Nearest-code indices of every image (of its left-right mirror image with `mirror`, flipped a batch at a time).
 
     Args:
         images: (N, 1, H, W) in [0, 1] on the model's device.
@@ -69,7 +70,7 @@ def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int) 
     """
     was_training = model.training
     model.eval()
-    out = torch.cat([model.encode_indices(images[i:i + batch_size].float())
+    out = torch.cat([model.encode_indices(_batch(images, i, batch_size, mirror))
                      for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return out
@@ -100,17 +101,23 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         model: a VQVAE (its autoencoder is frozen here).
         train_x: (N, 1, H, W) training images on the model's device.
         cfg: prior_steps, prior_batch_size, prior_lr, seed, eval_batch_size.
-        val_codes_from: optional held-out images (M, 1, H, W); their NLL is measured at every report (an NLL
-            climbing while the training one falls means the prior is memorising the training grids); with
+        val_codes_from: optional held-out images (M, 1, H, W) (never mirrored); their NLL is measured at every
+            report (an NLL climbing while the training one falls means the prior is memorising the training grids); with
             `cfg.prior_keep_best` the weights of the lowest one are kept when the last ends more than 1% above it.
         train_attrs, val_attrs: encoded attributes (N, A) / (M, A) of a conditional prior (see
             mrigen.models.condition); each training row's attributes are hidden with chance
             `cfg.condition_dropout` each, and all at once with chance `cfg.condition_dropout_all`.
+
+    With `cfg.prior_mirror` the prior trains on 2N grids: those of `train_x` and of its left-right mirror images
+    (their attributes repeated: none is lateral).
     """
     if cfg.prior_steps < 1:
         raise ValueError(f"prior_steps={cfg.prior_steps} must be >= 1 to train a prior")
     device = train_x.device
     codes = encode_split(model, train_x, cfg.eval_batch_size)                  # (N, h, w)
+    if cfg.prior_mirror:
+        codes = torch.cat([codes, encode_split(model, train_x, cfg.eval_batch_size, mirror=True)])
+        train_attrs = _repeat(train_attrs)
     val_codes = (encode_split(model, val_codes_from, cfg.eval_batch_size)
                  if val_codes_from is not None and len(val_codes_from) else None)
     prior = model.prior
@@ -168,9 +175,10 @@ def best_report(val_curve: list[float], first: int = 0) -> int | None:
 
 
 @torch.no_grad()
-def encode_posteriors(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-    """Posterior means and log-variances of every image under a VAE, in eval mode.
+def encode_posteriors(model: torch.nn.Module, images: torch.Tensor, batch_size: int, mirror: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and log-variances of every image (of its left-right mirror with `mirror`) under a VAE, in
+    eval mode.
 
     Args:
         images: (N, 1, H, W) in [0, 1] on the model's device.
@@ -180,7 +188,7 @@ def encode_posteriors(model: torch.nn.Module, images: torch.Tensor, batch_size: 
     """
     was_training = model.training
     model.eval()
-    parts = [model.encode(images[i:i + batch_size].float()) for i in range(0, len(images), batch_size)]
+    parts = [model.encode(_batch(images, i, batch_size, mirror)) for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -208,6 +216,9 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
             attributes are hidden with chance `cfg.condition_dropout` each, and all at once with chance
             `cfg.condition_dropout_all` (what classifier-free guidance needs).
 
+    With `cfg.prior_mirror` the flow (and its standardisation) trains on 2N posteriors: those of `train_x` and of
+    its left-right mirror images (their attributes repeated); the held-out images are never mirrored.
+
     Returns:
         PriorResult whose "nll" fields hold the flow-matching loss (mean squared velocity error per entry).
     """
@@ -216,6 +227,10 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     device = train_x.device
     flow = model.latent_prior
     mu, logvar = encode_posteriors(model, train_x, cfg.eval_batch_size)
+    if cfg.prior_mirror:
+        mirrored = encode_posteriors(model, train_x, cfg.eval_batch_size, mirror=True)
+        mu, logvar = torch.cat([mu, mirrored[0]]), torch.cat([logvar, mirrored[1]])
+        train_attrs = _repeat(train_attrs)
     val_post = (encode_posteriors(model, val_from, cfg.eval_batch_size)
                 if val_from is not None and len(val_from) else None)
     flow.set_standardisation(mu, logvar)
@@ -268,6 +283,17 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     flow.trained.fill_(True)
     return PriorResult(history, val_curve[-1 if kept is None else kept] if val_curve else None, steps, val_curve,
                        None if kept is None else steps[kept])
+
+
+def _batch(images: torch.Tensor, start: int, size: int, mirror: bool) -> torch.Tensor:
+    """images[start:start + size] as float, flipped left-right with `mirror`."""
+    x = images[start:start + size].float()
+    return x.flip(-1) if mirror else x
+
+
+def _repeat(attrs: torch.Tensor | None) -> torch.Tensor | None:
+    """Attributes `(N, A)` -> `(2N, A)` for the training rows followed by their mirror images (None stays None)."""
+    return None if attrs is None else torch.cat([attrs, attrs])
 
 
 @contextlib.contextmanager
