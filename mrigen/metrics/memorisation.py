@@ -13,7 +13,8 @@ distances added (96 more subjects) none did, while exact copies still score 1.
 The training set includes each training slice's left-right mirror image (`mirror=True`, the default): a mirrored
 training slice is no new brain either, and models whose autoencoder (`train.augment`) or prior
 (`train.prior_mirror`) trained on mirrors can draw one (before: 0.002 of 500 mirrored training slices flagged,
-now 1.000). The threshold then comes from the same mirror-augmented set, so unseen slices still score ~0.
+now 1.000). The threshold then comes from the same mirror-augmented set, so unseen slices still score ~0, except
+the slices of a near-mirror twin of a training subject (one test subject of the demo store: 0.014; docs/METRICS.md).
 """
 
 from __future__ import annotations
