@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +39,6 @@ def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[
 
 
 def test_prepares_once_then_runs_the_three_benchmarks_side_by_side(tmp_path):
-    t0 = time.time()
     done, calls = _run(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     starts = [c for c in calls if c[0] == "start"]
@@ -55,7 +53,6 @@ def test_prepares_once_then_runs_the_three_benchmarks_side_by_side(tmp_path):
     for name in ("quality-vqvae", "quality-vae", "utility"):            # each one's output is kept and shown
         assert (tmp_path / "out" / f"{name}.txt").read_text().startswith(("quality output", "utility output"))
         assert f"== {name}" in done.stdout
-    assert time.time() - t0 < 30
 
 
 def test_a_failed_benchmark_fails_the_script_but_the_others_still_report(tmp_path):
