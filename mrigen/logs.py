@@ -9,8 +9,9 @@ Every `python -m mrigen.*` command calls `add_arguments(parser)` and, first thin
 - Progress bars (tqdm) only when stderr is a terminal: through a pipe or into a file they are carriage-return
   spam. `progress()` says whether to show them (what tqdm's ``disable=None`` decides for itself).
 
-``-v`` / ``--verbose`` brings the details back (every logger at INFO, with its name, and MLflow's bars);
-``--log-level LEVEL`` sets every logger, mrigen's and the libraries', to LEVEL (DEBUG for everything).
+``-v`` / ``--verbose`` brings the details back (every logger at INFO, with its name, and MLflow's bars), except
+the `INTERNALS` (SQLAlchemy's per-table mapper and engine lines: 3,085 of them in one `make tune`), which stay at
+WARNING; ``--log-level LEVEL`` sets every logger, mrigen's, the libraries' and the internals', to LEVEL.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ import logging
 import os
 import sys
 
-__all__ = ["LEVELS", "LIBRARIES", "add_arguments", "setup", "progress"]
+__all__ = ["INTERNALS", "LEVELS", "LIBRARIES", "add_arguments", "setup", "progress"]
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Libraries whose INFO messages are details; the ones with their own handler (mlflow, optuna) are set directly.
 LIBRARIES = ("mlflow", "optuna", "alembic", "urllib3", "botocore", "boto3", "s3transfer", "matplotlib", "PIL",
              "sqlalchemy", "httpx", "huey", "git", "py4j", "fsspec")
+# Libraries whose INFO messages describe their own machinery, not the run: at WARNING even with -v.
+INTERNALS = ("sqlalchemy",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``-v/--verbose`` and ``--log-level`` to a command's parser."""
     group = parser.add_argument_group("output")
     group.add_argument("-v", "--verbose", action="store_true",
-                       help="show the details: every logger at INFO with its name (MLflow, Optuna, ...) and "
-                            "MLflow's artifact download bars")
+                       help="show the details: every logger at INFO with its name (MLflow, Optuna, ...; not "
+                            "SQLAlchemy's internals) and MLflow's artifact download bars")
     group.add_argument("--log-level", type=str.upper, choices=LEVELS, metavar="LEVEL",
                        help=f"level of every logger, mrigen's and the libraries' ({', '.join(LEVELS)}); "
                             "default: mrigen INFO, libraries WARNING")
@@ -101,6 +104,8 @@ def setup(args: argparse.Namespace | None = None, *, quiet: tuple[str, ...] = ()
     _QUIETED.update(quiet)
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(libraries)
+    for name in INTERNALS:
+        logging.getLogger(name).setLevel(getattr(args, "log_level", None) or "WARNING")
     os.environ["MLFLOW_LOGGING_LEVEL"] = libraries       # read when mlflow is imported (it resets its level then)
     if "optuna" in sys.modules:
         import optuna

@@ -119,6 +119,9 @@ def test_log_flags_set_the_levels(flags: list[str], mrigen_level: str, library_l
         assert logging.getLogger("mrigen.tune").getEffectiveLevel() == getattr(logging, mrigen_level)
         assert logging.getLogger("mlflow").level == getattr(logging, library_level)
         assert logging.getLogger("urllib3").getEffectiveLevel() == getattr(logging, library_level)
+        # SQLAlchemy's mapper / engine INFO lines only when a level is asked for by name
+        internals = "DEBUG" if "--log-level" in flags else "WARNING"
+        assert logging.getLogger("sqlalchemy.orm.mapper.Mapper").getEffectiveLevel() == getattr(logging, internals)
         assert os.environ["MLFLOW_LOGGING_LEVEL"] == library_level
         assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == ("true" if flags == ["-v"] else "false")
     finally:
