@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from mrigen.config import load_yaml
 from mrigen.models import ModelConfig
 from mrigen.train.config import TrainConfig
 
@@ -20,7 +21,7 @@ def load_config_file(path: Path) -> dict[str, dict[str, Any]]:
     """Read a YAML run config `{model: {...}, train: {...}}`; errors name the file and the bad key."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read run config ({exc})") from exc
     if not isinstance(doc, dict):
@@ -42,7 +43,11 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in SECTIONS or not name:
             raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION in {list(SECTIONS)}")
-        out[section][name] = yaml.safe_load(value)
+        try:
+            out[section][name] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item!r}: the value is not a YAML scalar or list "
+                             f"({str(exc).splitlines()[0]})") from exc
     return out
 
 

@@ -38,6 +38,24 @@ def test_unknown_config_key_is_refused():
         parse_overrides(["lr=1"])
 
 
+def test_overrides_read_exponent_floats_and_text_in_a_number_field_is_named(tmp_path):
+    """`--set train.lr=1e-4` (the --help example; PyYAML alone reads '1e-4' as text) is a float, in a run config
+    file too; a word where a number belongs is a ValueError naming the field, not a TypeError from a comparison."""
+    from mrigen.train.configs import load_config_file
+
+    layer = parse_overrides(["train.lr=1e-4", "train.beta=2E-1", "model.kernel_size=3"])
+    assert layer == {"model": {"kernel_size": 3}, "train": {"lr": 1e-4, "beta": 0.2}}
+    (tmp_path / "run.yaml").write_text("train: {lr: 5e-4, prior_lr: 2.0e-3}\n")
+    _, train_cfg = build_configs("vae", load_config_file(tmp_path / "run.yaml"), layer)
+    assert (train_cfg.lr, train_cfg.prior_lr, train_cfg.beta) == (1e-4, 2e-3, 0.2)
+    with pytest.raises(ValueError, match=r"TrainConfig.lr='fast' must be a number"):
+        build_configs("vae", parse_overrides(["train.lr=fast"]))
+    with pytest.raises(ValueError, match=r"ModelConfig.kernel_size='3x3' must be an integer"):
+        build_configs("vae", parse_overrides(["model.kernel_size=3x3"]))
+    with pytest.raises(ValueError, match=r"--set 'train.lr=\[': the value is not a YAML"):
+        parse_overrides(["train.lr=["])
+
+
 def test_vae_validation_loss_decreases_and_metrics_are_finite(demo_store):
     model_cfg, train_cfg = configs(epochs=3)
     result = train(model_cfg, train_cfg, demo_store, progress=False)
@@ -205,6 +223,10 @@ def test_cli_bad_override_is_one_line_error(demo_store, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "kernel_size" in proc.stderr
+    cmd = [sys.executable, "-m", "mrigen.train", "--data", str(demo_store.path), "--set", "train.lr=fast",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: TrainConfig.lr='fast' must be a number"
 
 
 @pytest.mark.parametrize("family", ["vae", "vqvae"])
