@@ -181,6 +181,7 @@ def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | N
         return study
     if opts.resume:
         _requeue_interrupted(study, opts.worker)
+    _enqueue_first(study, budget, "budget" if opts.full_budget else "demo_budget", opts.worker)
     runner = TrialRunner(spec=spec, store=store, budget=budget, tracking_uri=opts.tracking_uri,
                          experiment=f"mrigen-{spec.name}", parent_run_id=parent_run_id,
                          registered_name=opts.register_name or f"mrigen-{spec.name}", work_dir=opts.work_dir,
@@ -191,6 +192,18 @@ def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | N
                    callbacks=[optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
                               _StopAfterFailures(budget.trials)])
     return study
+
+
+def _enqueue_first(study: optuna.Study, budget: Budget, key: str, worker: str) -> None:
+    """A new study's first trial takes the budget's `first` values (the sampler draws any parameter it leaves
+    out, and every later trial). A study that already has trials is left alone, and a second worker starting at
+    the same moment finds the point queued (`skip_if_exists`), so the start is tried once."""
+    if not budget.first or study.get_trials(deepcopy=False):
+        return
+    first = dict(budget.first)
+    study.enqueue_trial(first, user_attrs={"start": f"{key}.first"}, skip_if_exists=True)
+    print(f"[{worker}] first trial starts from " + ", ".join(f"{k}={v}" for k, v in first.items())
+          + f" (the study's {key}.first); the sampler draws the rest", flush=True)
 
 
 def _requeue_interrupted(study: optuna.Study, worker: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from mrigen.config import load_yaml
 from mrigen.registry.rule import (DEFAULT_RULE, FINAL_ONLY_METRICS, PromotionRule, RuleError, is_baseline,
                                   is_sample_metric, is_utility_metric, known_direction, short_name)
 
@@ -57,6 +58,18 @@ class ParamSpec:
                                      step=int(self.step or 1))
         return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log, step=self.step)
 
+    def out_of_domain(self, value: Any) -> str | None:
+        """Why `value` cannot be a value of this parameter (a sentence), or None when it can."""
+        if self.type == "categorical":
+            return None if value in self.choices else f"{value!r} is not one of the choices {list(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{value!r} must be a number"
+        if self.type == "int" and value != int(value):
+            return f"{value!r} must be an integer"
+        if not float(self.low) <= value <= float(self.high):
+            return f"{value!r} is outside [{self.low}, {self.high}]"
+        return None
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -67,6 +80,8 @@ class Budget:
     image_size: int                        # slice size the trials train on (and the store is ingested at)
     overrides: tuple[tuple[str, Any], ...] = ()   # ("model.width", 0.5), ...: config fields this budget sets
                                                   # over `base` (a search-space parameter still wins)
+    first: tuple[tuple[str, Any], ...] = ()       # ("train.lr", 1.5e-3), ...: search-space values of the study's
+                                                  # first trial (a known-good start; the sampler draws the rest)
 
     def layer(self) -> dict[str, dict[str, Any]]:
         """`{model: {...}, train: {...}}`: image_size, epochs and the overrides, as a config layer."""
@@ -163,11 +178,12 @@ def _fail(path: Path, key: str, msg: str) -> StudyFileError:
     return StudyFileError(f"{path}: {key}: {msg}")
 
 
-def _budget(path: Path, key: str, raw: Any, default: Budget, valid: dict[str, set[str]]) -> Budget:
+def _budget(path: Path, key: str, raw: Any, default: Budget, valid: dict[str, set[str]],
+            space: tuple[ParamSpec, ...]) -> Budget:
     if raw is None:
         return default
-    if not isinstance(raw, dict) or set(raw) - {"trials", "epochs", "image_size", "set"}:
-        raise _fail(path, key, "expected a mapping with trials, epochs, image_size and an optional 'set'")
+    if not isinstance(raw, dict) or set(raw) - {"trials", "epochs", "image_size", "set", "first"}:
+        raise _fail(path, key, "expected a mapping with trials, epochs, image_size and optional 'set' and 'first'")
     sets = raw.get("set") or {}
     if not isinstance(sets, dict):
         raise _fail(path, f"{key}.set", "expected a mapping of config fields, e.g. {model.width: 0.5}")
@@ -176,8 +192,20 @@ def _budget(path: Path, key: str, raw: Any, default: Budget, valid: dict[str, se
         if section not in valid or fname not in valid[section] or fname in ("image_size", "epochs"):
             raise _fail(path, f"{key}.set.{name}", "not a config field this budget may set; use model.<field> or "
                                                    "train.<field> (image_size and epochs are budget keys)")
-    b = Budget(**{**default.__dict__, **{k: v for k, v in raw.items() if k != "set"},
-                  "overrides": tuple((str(k), v) for k, v in sets.items())})
+    first = raw.get("first") or {}
+    if not isinstance(first, dict):
+        raise _fail(path, f"{key}.first", "expected a mapping of search-space values, e.g. {train.lr: 1.0e-3}")
+    params = {p.name: p for p in space}
+    for name, value in first.items():
+        if name not in params:
+            raise _fail(path, f"{key}.first.{name}", f"not a search_space parameter (the study searches "
+                                                      f"{', '.join(params)})")
+        problem = params[name].out_of_domain(value)
+        if problem:
+            raise _fail(path, f"{key}.first.{name}", problem)
+    b = Budget(**{**default.__dict__, **{k: v for k, v in raw.items() if k not in ("set", "first")},
+                  "overrides": tuple((str(k), v) for k, v in sets.items()),
+                  "first": tuple((str(k), v) for k, v in first.items())})
     for name in ("trials", "epochs"):
         v = getattr(b, name)
         if not isinstance(v, int) or v < 1:
@@ -374,7 +402,7 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
             raise StudyFileError(f"unknown study {str(name_or_path)!r}; known studies: "
                                  f"{', '.join(list_studies(directory)) or '(none)'} (in {path.parent})")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise StudyFileError(f"{path}: cannot read study file ({exc})") from exc
     if not isinstance(doc, dict):
@@ -407,7 +435,7 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
         raise _fail(path, "description", "a short description is required")
-    budgets = {key: _budget(path, key, doc.get(key), default, valid)
+    budgets = {key: _budget(path, key, doc.get(key), default, valid, space)
                for key, default in (("budget", Budget(20, 30, 128)), ("demo_budget", Budget(3, 2, 32)))}
     for key, b in budgets.items():
         try:

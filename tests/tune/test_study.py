@@ -67,7 +67,19 @@ def test_a_budget_may_set_config_fields_and_a_search_parameter_still_wins(tmp_pa
     assert spec.budget.overrides == () and "(" not in spec.budget.describe()
 
 
+def test_a_budget_may_name_the_first_trial_s_values(tmp_path):
+    spec = load_study(write(tmp_path, GOOD + "  train.batch_size: {type: categorical, choices: [16, 32]}\n"
+                                             "demo_budget: {trials: 2, first: {train.lr: 5.0e-4, "
+                                             "train.batch_size: 16}}\n"))
+    assert spec.demo_budget.first == (("train.lr", 5.0e-4), ("train.batch_size", 16))
+    assert spec.budget.first == ()
+
+
 @pytest.mark.parametrize("body,key", [
+    ("demo_budget: {trials: 1, first: {model.nope: 1}}", "demo_budget.first.model.nope"),
+    ("demo_budget: {trials: 1, first: {train.lr: 1.0e-2}}", "demo_budget.first.train.lr"),       # above high
+    ("budget: {trials: 1, first: {train.lr: fast}}", "budget.first.train.lr"),
+    ("budget: {trials: 1, first: [train.lr]}", "budget.first"),
     ("demo_budget: {trials: 1, set: {model.nope: 1}}", "demo_budget.set.model.nope"),
     ("demo_budget: {trials: 1, set: {model.image_size: 64}}", "demo_budget.set.model.image_size"),
     ("budget: {trials: 1, set: [model.width]}", "budget.set"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -146,23 +147,55 @@ def test_pruning_stops_a_bad_trial_early(tune_store, tmp_path, fake_eval, object
     assert run.info.status == "KILLED"
 
 
-def test_a_budget_set_field_reaches_every_trial_config(tune_store, tmp_path, fake_eval):
-    """`demo_budget.set` (the embedded preview trains half-width networks) is in each trial's logged config."""
-    from mrigen.tune.runner import TuneOptions, run_worker
+def _study_on_sqlite(tmp_path: Path, body: str):
+    """(spec, options) of a study file with `body`, on SQLite Optuna / MLflow stores under tmp_path."""
+    from mrigen.tune.runner import TuneOptions
     from mrigen.tune.study import load_study
 
-    path = tmp_path / "narrow.yaml"
-    path.write_text(
+    path = tmp_path / "study.yaml"
+    path.write_text(body)
+    opts = TuneOptions(study=str(path), storage=f"sqlite:///{tmp_path}/o.db",
+                       tracking_uri=f"sqlite:///{tmp_path}/m.db", work_dir=tmp_path)
+    return load_study(path), opts
+
+
+def test_a_budget_set_field_reaches_every_trial_config(tune_store, tmp_path, fake_eval):
+    """`demo_budget.set` (the embedded preview trains half-width networks) is in each trial's logged config."""
+    from mrigen.tune.runner import run_worker
+
+    spec, opts = _study_on_sqlite(tmp_path, (
         "description: half-width preview\nfamily: vae\n"
         "base: {model: {blocks: 3}, train: {batch_size: 16, grid_every: 0}}\n"
         "search_space: {train.lr: {type: categorical, choices: [0.002]}}\n"
-        "demo_budget: {trials: 1, epochs: 1, image_size: 32, set: {model.width: 0.5}}\n")
-    spec = load_study(path)
-    opts = TuneOptions(study=str(path), storage=f"sqlite:///{tmp_path}/o.db",
-                       tracking_uri=f"sqlite:///{tmp_path}/m.db", work_dir=tmp_path)
+        "demo_budget: {trials: 1, epochs: 1, image_size: 32, set: {model.width: 0.5}}\n"))
     (trial,) = run_worker(spec, opts, tune_store, parent_run_id=None).trials
     params = MlflowClient(opts.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"]).data.params
     assert (params["model.width"], params["model.image_size"], params["train.epochs"]) == ("0.5", "32", "1")
+
+
+def test_the_budget_s_first_values_start_a_new_study_once(tune_store, tmp_path, fake_eval, capsys):
+    """`demo_budget.first`: trial 0 of a new study takes those values, the sampler draws the rest; running the
+    study on (more trials, same storage) does not queue them again."""
+    from mrigen.tune.runner import run_worker
+
+    spec, opts = _study_on_sqlite(tmp_path, (
+        "description: a study with a known-good start\nfamily: vae\n"
+        "base: {model: {blocks: 3}, train: {batch_size: 16, grid_every: 0}}\n"
+        "search_space:\n"
+        "  train.lr: {type: float, low: 5.0e-4, high: 3.0e-3, log: true}\n"
+        "  model.kernel_size: {type: categorical, choices: [3, 4, 5]}\n"
+        "pruner: {type: none}\n"
+        "demo_budget: {trials: 2, epochs: 1, image_size: 32, first: {train.lr: 1.234e-3}}\n"))
+    trials = sorted(run_worker(spec, opts, tune_store, parent_run_id=None).trials, key=lambda t: t.number)
+    assert len(trials) == 2 and trials[0].params["train.lr"] == 1.234e-3
+    assert trials[0].params["model.kernel_size"] in (3, 4, 5)             # left to the sampler
+    assert trials[0].user_attrs["start"] == "demo_budget.first" and "start" not in trials[1].user_attrs
+    assert trials[1].params["train.lr"] != 1.234e-3
+    assert "first trial starts from train.lr=0.001234" in capsys.readouterr().out
+    params = MlflowClient(opts.tracking_uri).get_run(trials[0].user_attrs["mlflow_run_id"]).data.params
+    assert params["train.lr"] == "0.001234"                                  # the trial's config really had it
+    more = run_worker(spec, replace(opts, n_trials=3), tune_store, parent_run_id=None).trials
+    assert len(more) == 3 and [t.number for t in more if t.params["train.lr"] == 1.234e-3] == [0]
 
 
 MULTI_STUDY = """
