@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: running trials were marked failed and their MLflow runs KILLED; "
               "rerun the same command (or with --resume) to continue the study", file=sys.stderr)
         return 130
-    if args.worker_name is None:
-        finish(ctx, study)
+    if args.worker_name is None and not finish(ctx, study):
+        return 1                                 # every trial failed (or was pruned): the summary says why
     return 0
 
 

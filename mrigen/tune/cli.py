@@ -69,8 +69,12 @@ def prepare(args: argparse.Namespace) -> TuneContext:
 
     spec = load_study(args.study)
     gpus = parse_gpus(args.gpus)
-    if args.trials_per_gpu < 1:
-        raise ValueError(f"--trials-per-gpu {args.trials_per_gpu}: must be >= 1")
+    for flag, value in (("--trials-per-gpu", args.trials_per_gpu), ("--n-trials", args.n_trials),
+                        ("--epochs", args.epochs), ("--heartbeat", args.heartbeat)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout {args.timeout}: must be > 0 seconds")
     work_dir = args.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or os.environ.get("OPTUNA_STORAGE") or _sqlite(work_dir / "optuna.db")
@@ -117,9 +121,9 @@ def _store(data: Path | None, work_dir: Path, size: int, announce: bool):
     return store
 
 
-def finish(ctx: TuneContext, study: optuna.Study) -> None:
+def finish(ctx: TuneContext, study: optuna.Study) -> bool:
     """Summarise to the parent run, make sure the rule's best trial was offered for champion, print the champion's
-    measured quality against the targets, and where to look."""
+    measured quality against the targets, and where to look. Returns whether any trial of the study completed."""
     from mrigen.tune.promotion import ensure_champion
     from mrigen.tune.report import champion_report
 
@@ -127,13 +131,13 @@ def finish(ctx: TuneContext, study: optuna.Study) -> None:
     if ctx.parent_run_id:
         summarise(study, spec, opts.tracking_uri, ctx.parent_run_id)
     print("\n" + summary_table(study, spec))
-    if opts.tracking_uri is None:
-        return
-    name = opts.register_name or f"mrigen-{spec.name}"
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if opts.tracking_uri is None:
+        return bool(completed)
+    name = opts.register_name or f"mrigen-{spec.name}"
     if not completed:
         print(f"\nno trial completed; see the log above. Nothing was registered under {name}.")
-        return
+        return False
     best = ensure_champion(study, spec, name, opts.tracking_uri)
     from mlflow import MlflowClient
 
@@ -150,3 +154,4 @@ def finish(ctx: TuneContext, study: optuna.Study) -> None:
           f"\n  compare trials:  {ui}\n"
           f"  generate slices: MLFLOW_TRACKING_URI={uri} python -m mrigen.generate "
           f"--model models:/{name}@champion -n 16 --out synthetic/")
+    return True

@@ -16,6 +16,23 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 
 
+def _check_parent_exists(client, run_id: str, study_name: str, tracking_uri: str) -> None:
+    """A study's parent run must be on this tracking store: a study begun with another one (another
+    --tracking-uri or MLFLOW_TRACKING_URI, or a deleted mlflow.db) cannot log its trials under it."""
+    from mlflow.exceptions import MlflowException
+
+    from mrigen.tracking import redact_uri
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(f"study {study_name!r} logs to MLflow parent run {run_id}, which the tracking store "
+                         f"{redact_uri(tracking_uri)} does not have: use the tracking URI the study began with, or "
+                         f"a new --storage (or study) for this one") from None
+
+
 def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, experiment: str,
                       store=None) -> str:
     """Return the study's parent run id, creating it once even when several workers start together.
@@ -29,9 +46,10 @@ def ensure_parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, e
     from mrigen.tracking import get_or_create_experiment, safety
 
     existing = study.user_attrs.get(PARENT_ATTR)
-    if existing:
-        return existing
     client = MlflowClient(tracking_uri)
+    if existing:
+        _check_parent_exists(client, existing, study.study_name, tracking_uri)
+        return existing
     exp_id = _with_retries(lambda: get_or_create_experiment(client, experiment), "open the MLflow tracking store")
     tags = {"mrigen.role": "study-parent", "optuna.study": spec.name, "mlflow.note.content": spec.description}
     # As for a trial's run: Ctrl-C between "the server created the run" and "its closer is registered" would

@@ -88,7 +88,7 @@ def test_a_trial_without_the_promotion_metric_fails_with_its_name(tiny_study, tu
                           "memorised": None}]
     work = tmp_path / "work"
     assert run_main(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(work),
-                     "--n-trials", "1", "--no-tracking"], monkeypatch) == 0
+                     "--n-trials", "1", "--no-tracking"], monkeypatch) == 0        # the next trial completed
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{work}/optuna.db")
     trial = study.trials[0]
     assert trial.state == TrialState.FAIL
@@ -96,7 +96,30 @@ def test_a_trial_without_the_promotion_metric_fails_with_its_name(tiny_study, tu
     assert f"trial 0 failed: {trial.user_attrs['fail_reason']}" in capsys.readouterr().out
 
 
+def test_a_study_whose_every_trial_fails_exits_1(tiny_study, tune_store, tmp_path, fake_eval, capsys, monkeypatch):
+    missing = {"fd": None, "fd_real": None, "fd_ratio": None, "precision": None, "recall": None, "memorised": None}
+    fake_eval.results = [missing] * 3                   # the study stops once failures outnumber its 1 trial
+    assert run_main(["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(tmp_path / "w"),
+                     "--n-trials", "1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], monkeypatch) == 1
+    assert "no trial completed; see the log above" in capsys.readouterr().out
+
+
+def test_a_study_begun_on_another_tracking_store_is_refused(tiny_study, tune_store, tmp_path, fake_eval, capsys,
+                                                           monkeypatch):
+    """The study's parent run lives on the tracking store it began with; another store is a one-line error."""
+    args = ["--study", str(tiny_study), "--data", str(tune_store.path), "--work-dir", str(tmp_path / "work")]
+    assert run_main([*args, "--n-trials", "1", "--tracking-uri", f"sqlite:///{tmp_path}/a.db"], monkeypatch) == 0
+    capsys.readouterr()
+    assert run_main([*args, "--n-trials", "2", "--tracking-uri", f"sqlite:///{tmp_path}/b.db"], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "which the tracking store" in err[0] and "b.db does not have" in err[0], err
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--study", "TINY", "--n-trials", "0"], "--n-trials 0: must be >= 1"),
+    (["--study", "TINY", "--epochs", "-1"], "--epochs -1: must be >= 1"),
+    (["--study", "TINY", "--heartbeat", "0"], "--heartbeat 0: must be >= 1"),
+    (["--study", "TINY", "--timeout", "0"], "--timeout 0.0: must be > 0 seconds"),
     (["--study", "no-such-study"], "unknown study"),
     (["--study", "TINY", "--storage", "postgresql+psycopg://u:secretpw@127.0.0.1:1/db"], "storage"),
     (["--study", "TINY", "--gpus", "x"], "--gpus"),
