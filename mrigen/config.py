@@ -38,7 +38,11 @@ def load_yaml(text: str) -> Any:
     Raises:
         yaml.YAMLError: on malformed YAML.
     """
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    loader = _Loader(text)                  # what yaml.safe_load does, with the float rule above
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _numeric(hint: Any) -> type | None:

@@ -54,6 +54,8 @@ def test_overrides_read_exponent_floats_and_text_in_a_number_field_is_named(tmp_
         build_configs("vae", parse_overrides(["model.kernel_size=3x3"]))
     with pytest.raises(ValueError, match=r"--set 'train.lr=\[': the value is not a YAML"):
         parse_overrides(["train.lr=["])
+    with pytest.raises(ValueError, match="not a YAML"):                  # still a safe loader: no Python objects
+        parse_overrides(["train.lr=!!python/object/apply:os.getcwd []"])
 
 
 def test_vae_validation_loss_decreases_and_metrics_are_finite(demo_store):
