@@ -442,6 +442,14 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
             build_configs(family, base, b.layer())
         except (ValueError, TypeError) as exc:
             raise _fail(path, f"{key}.set" if b.overrides else key, str(exc)) from exc
+        first: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+        for name, value in b.first:
+            section, _, field_name = name.partition(".")
+            first[section][field_name] = value
+        try:
+            build_configs(family, base, b.layer(), first)
+        except (ValueError, TypeError) as exc:
+            raise _fail(path, f"{key}.first", str(exc)) from exc
     return StudySpec(name=path.stem, path=path, description=description.strip(), family=family, base=base,
                      space=space, objectives=objectives, pruner=pruner, promotion=promotion,
                      budget=budgets["budget"], demo_budget=budgets["demo_budget"], utility=utility)

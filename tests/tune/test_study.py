@@ -80,6 +80,9 @@ def test_a_budget_may_name_the_first_trial_s_values(tmp_path):
     ("demo_budget: {trials: 1, first: {train.lr: 1.0e-2}}", "demo_budget.first.train.lr"),       # above high
     ("budget: {trials: 1, first: {train.lr: fast}}", "budget.first.train.lr"),
     ("budget: {trials: 1, first: [train.lr]}", "budget.first"),
+    ("  model.grid: {type: categorical, choices: [4, 16]}\n"                    # valid alone, not at 16 px
+     "base: {model: {latent: spatial, grid: 4}}\ndemo_budget: {trials: 1, image_size: 16, first: {model.grid: 16}}",
+     "demo_budget.first: grid"),
     ("demo_budget: {trials: 1, set: {model.nope: 1}}", "demo_budget.set.model.nope"),
     ("demo_budget: {trials: 1, set: {model.image_size: 64}}", "demo_budget.set.model.image_size"),
     ("budget: {trials: 1, set: [model.width]}", "budget.set"),
