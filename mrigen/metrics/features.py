@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,14 +43,20 @@ from mrigen.config import config_from_dict
 
 from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade, head_masks
 
-__all__ = ["FORMAT", "STEPS_ENV", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path", "default_config",
-           "extract_features", "get_feature_net", "load_feature_net", "resize_square", "save_feature_net",
-           "save_weights_atomic", "train_feature_net", "train_halves"]
+__all__ = ["CPU_THREADS", "FORMAT", "STEPS_ENV", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path",
+           "default_config", "extract_features", "get_feature_net", "load_feature_net", "resize_square",
+           "save_feature_net", "save_weights_atomic", "train_feature_net", "train_halves"]
 
 log = logging.getLogger(__name__)
 
+CPU_THREADS = 1                     # torch threads a network trains on, on a CPU (see train_feature_net)
 STEPS_ENV = "MRIGEN_FEATURE_NET_STEPS"   # overrides FeatureNetConfig.steps of a newly trained default network
 FORMAT = "mrigen.feature_net/3"     # metadata["format"]; /3: degradation head saved and part of the features
+
+
+# Cache paths whose network a background process is training (mrigen.metrics.background), each with the call that
+# waits for it; `get_feature_net` waits before it looks for the file, so it never trains the same network twice.
+_PENDING: dict[Path, Callable[[], None]] = {}
 
 
 class StoreLike(Protocol):
@@ -236,21 +243,39 @@ def cache_path(store: StoreLike) -> Path:
 
 @torch.enable_grad()                 # callers such as evaluate() run under no_grad
 def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
-                      device: torch.device | str = "cpu") -> tuple[FeatureNet, dict[str, float]]:
+                      device: torch.device | str = "cpu", progress: bool = True) -> tuple[FeatureNet, dict[str, float]]:
     """Train a feature network on the store's real train slices of the first `train_halves` half.
 
-    Shows a tqdm bar and logs a one-line summary.
+    Shows a tqdm bar (when stderr is a terminal and `progress`) and logs a one-line summary.
+
+    On a CPU it trains on ONE thread (`CPU_THREADS`) whatever the process uses, and gives the threads back after:
+    float sums split over 2 threads differ from 1 thread's (largest weight difference 3e-3 after 60 steps), and a
+    network trained on another thread count is another metric (fd_ratio of one sample set moved 1.37 -> 1.80), so
+    the network must not depend on the machine's core count, nor on whether it was trained in a background process
+    (mrigen.metrics.background). One thread costs little here: 300 steps took 12.5 s against 10.7 s on two.
 
     Args:
         store: the slice store; uses `tensor("train", device)` and `slices("train")`.
         cfg: architecture and training settings (defaults if None).
         device: where to train.
+        progress: False never shows the bar (a background process: mrigen.metrics.background).
 
     Returns:
         (net in eval mode, summary of the last 10% of steps: loss, pos_mae, site_acc, degradation_acc).
     """
     cfg = cfg or FeatureNetConfig()
     device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        return _train(store, cfg, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(store: StoreLike, cfg: FeatureNetConfig, device: torch.device, progress: bool
+           ) -> tuple[FeatureNet, dict[str, float]]:
     slices = store.slices("train")
     rows, _ = train_halves(slices)
     images = store.tensor("train", device)
@@ -274,7 +299,7 @@ def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
     masks = tuple(torch.cat(parts) for parts in zip(*(head_masks(images[i:i + 512])
                                                        for i in range(0, images.shape[0], 512))))
     bar = tqdm(range(cfg.steps), desc=f"feature net ({store.digest[:12]})", unit="step", leave=False,
-               disable=None)                                  # None: no bar when stderr is not a terminal
+               disable=None if progress else True)            # None: no bar when stderr is not a terminal
     for step in bar:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
         x, kind = degrade(images[idx], gen, tuple(m[idx] for m in masks))   # (B, 1, H, W), (B,) into DEGRADATIONS
@@ -388,6 +413,9 @@ def get_feature_net(store: StoreLike, weights: Path | str | None = None, *, devi
     if weights is not None:
         return load_feature_net(weights, store_digest=store.digest, device=device)
     path = cache_path(store)
+    waiting = _PENDING.pop(path, None)
+    if waiting is not None:                # being trained in a background process: let it finish and cache it
+        waiting()
     if path.is_file():
         net = load_feature_net(path, store_digest=store.digest, device=device)
         if config is not None and net.cfg != config:

@@ -18,7 +18,8 @@ from mrigen.train.configs import build_configs
 from mrigen.tune import promotion
 from mrigen.tune.study import Budget, StudySpec
 
-__all__ = ["TrialRunner", "PruningHook", "ProgressHook", "RunIdRecorder", "objective_value", "trial_metrics"]
+__all__ = ["TrialRunner", "PruningHook", "ProgressHook", "RunIdRecorder", "ThreadHandBack", "objective_value",
+           "trial_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,16 @@ class RunIdRecorder(Hook):
     def on_start(self, ctx: TrainContext) -> None:
         if self.tracker.run_id:
             self.trial.set_user_attr("mlflow_run_id", self.tracker.run_id)
+
+
+class ThreadHandBack(Hook):
+    """Each epoch, gives the trial back the threads of a feature network that has finished training in a background
+    process (`mrigen.metrics.background.poll`; `runner._feature_net_in_background` started it)."""
+
+    def on_epoch_end(self, ctx: TrainContext, epoch: int, metrics: dict[str, float]) -> None:
+        from mrigen.metrics import background
+
+        background.poll()
 
 
 class ProgressHook(Hook):
@@ -147,7 +158,7 @@ class TrialRunner:
         model_cfg, train_cfg = build_configs(self.spec.family, self.spec.base, layer)
         pruner = self.spec.pruner
         hooks: list[Hook] = [ProgressHook(self.worker, trial, self.budget.trials, pruner.metric,
-                                          promotion.best_text(trial.study, self.spec))]
+                                          promotion.best_text(trial.study, self.spec)), ThreadHandBack()]
         if not self.spec.multi_objective:       # Optuna has no intermediate values for multi-objective studies
             hooks.insert(0, PruningHook(trial, pruner.metric, 1.0 if pruner.direction == self.spec.direction else -1.0))
         tracker = self._tracker(trial)

@@ -186,12 +186,31 @@ def run_worker(spec: StudySpec, opts: TuneOptions, store, parent_run_id: str | N
                          experiment=f"mrigen-{spec.name}", parent_run_id=parent_run_id,
                          registered_name=opts.register_name or f"mrigen-{spec.name}", work_dir=opts.work_dir,
                          worker=opts.worker)
+    background = _feature_net_in_background(spec, budget, store, runner.device)
     # A failing trial (bad region of the space, out of memory...) is logged by Optuna with its traceback and
     # marked FAIL; the study goes on, and _StopAfterFailures ends it if failures outnumber the budget.
-    study.optimize(runner, n_trials=None, timeout=opts.timeout, gc_after_trial=True, catch=(Exception,),
-                   callbacks=[optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
-                              _StopAfterFailures(budget.trials)])
+    try:
+        study.optimize(runner, n_trials=None, timeout=opts.timeout, gc_after_trial=True, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
+                                  _StopAfterFailures(budget.trials)])
+    finally:
+        if background is not None:
+            background.close()
     return study
+
+
+def _feature_net_in_background(spec: StudySpec, budget: Budget, store, device: str):
+    """On a CPU, the store's feature network (needed by the first final evaluation, trained once per store) trains
+    in a child process on one core while the first trial trains on the others (mrigen.metrics.background); None
+    when it is cached, on a GPU, or when the trials do not evaluate samples."""
+    from mrigen.device import pick_device
+    from mrigen.metrics.background import start_feature_net
+    from mrigen.train.configs import build_configs
+
+    _, train_cfg = build_configs(spec.family, spec.base, budget.layer())
+    if not train_cfg.final_eval:
+        return None
+    return start_feature_net(store, pick_device(device))
 
 
 def _enqueue_first(study: optuna.Study, budget: Budget, key: str, worker: str) -> None:

@@ -1,5 +1,6 @@
 """Fixtures for tuning tests: a tiny study file, a small demo store (32x32 slices), a local SQLite MLflow store
-and a fake final evaluation (`fake_eval`) whose sample metrics the test chooses."""
+and a fake final evaluation (`fake_eval`) whose sample metrics the test chooses (and which, needing no feature
+network, starts none in the background)."""
 
 from __future__ import annotations
 
@@ -61,4 +62,6 @@ def fake_eval(monkeypatch):
 
     fake = Fake()
     monkeypatch.setattr("mrigen.metrics.evaluate", fake)
+    # The fake needs no feature network: do not train one in a background process for each study.
+    monkeypatch.setattr("mrigen.tune.runner._feature_net_in_background", lambda *args, **kwargs: None)
     return fake
