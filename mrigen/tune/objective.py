@@ -16,7 +16,7 @@ from mrigen.registry.rule import FINAL_ONLY_METRICS, MissingMetricError
 from mrigen.train import Hook, StopTraining, TrainContext, train
 from mrigen.train.configs import build_configs
 from mrigen.tune import promotion
-from mrigen.tune.study import Budget, StudySpec
+from mrigen.tune.study import Budget, StudySpec, dotted_layer
 
 __all__ = ["TrialRunner", "PruningHook", "ProgressHook", "RunIdRecorder", "ThreadHandBack", "objective_value",
            "trial_metrics"]
@@ -152,10 +152,7 @@ class TrialRunner:
         params = {p.name: p.suggest(trial) for p in self.spec.space}
         layer = self.budget.layer()             # image_size, epochs and the budget's `set` fields
         layer["train"]["device"] = self.device
-        for name, value in params.items():
-            section, _, field_name = name.partition(".")
-            layer[section][field_name] = value
-        model_cfg, train_cfg = build_configs(self.spec.family, self.spec.base, layer)
+        model_cfg, train_cfg = build_configs(self.spec.family, self.spec.base, layer, dotted_layer(params.items()))
         pruner = self.spec.pruner
         hooks: list[Hook] = [ProgressHook(self.worker, trial, self.budget.trials, pruner.metric,
                                           promotion.best_text(trial.study, self.spec)), ThreadHandBack()]

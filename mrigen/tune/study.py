@@ -8,6 +8,7 @@ default). The schema is documented in docs/TRACKING.md ("Study files").
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from mrigen.config import load_yaml
 from mrigen.registry.rule import (DEFAULT_RULE, FINAL_ONLY_METRICS, PromotionRule, RuleError, is_baseline,
                                   is_sample_metric, is_utility_metric, known_direction, short_name)
 
-__all__ = ["StudySpec", "ParamSpec", "Budget", "Objective", "PrunerSpec", "load_study", "list_studies", "experiments_dir", "StudyFileError"]
+__all__ = ["StudySpec", "ParamSpec", "Budget", "Objective", "PrunerSpec", "dotted_layer", "load_study", "list_studies",
+           "experiments_dir", "StudyFileError"]
 
 _TOP_KEYS = {"description", "family", "base", "search_space", "objective", "pruner", "promotion", "budget",
              "demo_budget", "utility"}
@@ -71,6 +73,16 @@ class ParamSpec:
         return None
 
 
+def dotted_layer(values: Iterable[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`[("model.width", 0.5), ("train.lr", 1e-3)]` -> `{"model": {"width": 0.5}, "train": {"lr": 1e-3}}`: a config
+    layer for `build_configs` (names are `model.` / `train.` fields, checked where the study file is read)."""
+    out: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for name, value in values:
+        section, _, field_name = name.partition(".")
+        out[section][field_name] = value
+    return out
+
+
 @dataclass(frozen=True)
 class Budget:
     """How much one study run does."""
@@ -85,11 +97,13 @@ class Budget:
 
     def layer(self) -> dict[str, dict[str, Any]]:
         """`{model: {...}, train: {...}}`: image_size, epochs and the overrides, as a config layer."""
-        out: dict[str, dict[str, Any]] = {"model": {"image_size": self.image_size}, "train": {"epochs": self.epochs}}
-        for name, value in self.overrides:
-            section, _, field_name = name.partition(".")
-            out[section][field_name] = value
+        out = dotted_layer(self.overrides)
+        out["model"]["image_size"], out["train"]["epochs"] = self.image_size, self.epochs
         return out
+
+    def first_layer(self) -> dict[str, dict[str, Any]]:
+        """The `first` values as a config layer (over `layer()`, as a trial's parameters are)."""
+        return dotted_layer(self.first)
 
     def describe(self) -> str:
         """"3 trials x 3 epochs at 64px (model.width=0.5)": for the run's header line."""
@@ -442,12 +456,8 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
             build_configs(family, base, b.layer())
         except (ValueError, TypeError) as exc:
             raise _fail(path, f"{key}.set" if b.overrides else key, str(exc)) from exc
-        first: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-        for name, value in b.first:
-            section, _, field_name = name.partition(".")
-            first[section][field_name] = value
         try:
-            build_configs(family, base, b.layer(), first)
+            build_configs(family, base, b.layer(), b.first_layer())
         except (ValueError, TypeError) as exc:
             raise _fail(path, f"{key}.first", str(exc)) from exc
     return StudySpec(name=path.stem, path=path, description=description.strip(), family=family, base=base,
