@@ -137,3 +137,28 @@ def test_metric_sensitivity_scores_every_degradation(tmp_path):
                 "--failures", "test", "--seeds", "2")
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert {"clean", "blotches", "code_errors"} <= set(rows) and "+-" in rows["blotches"]
+
+
+def test_metric_sensitivity_under_several_feature_networks(tmp_path):
+    """--feature-seeds: every row scored under each seed's network (mean +- half range), the ordering verdict
+    printed, and the store's cached network left alone; a model directory gets a row of its own."""
+    from mrigen.data import build_demo_store
+    from mrigen.metrics import cache_path
+    from mrigen.models import build_model
+    from mrigen.models.config import ModelConfig
+    from mrigen.models.io import save_model
+
+    store = build_demo_store(tmp_path / "work", subjects=6, size=32, progress=False)
+    model_dir = tmp_path / "untrained"
+    save_model(build_model(ModelConfig(family="vae", image_size=32, blocks=3)), model_dir)
+    text = _run(str(BENCH / "metric_sensitivity.py"), "--store", str(store.path), "--samples", "20",
+                "--feature-seeds", "0,1", "--model", f"untrained={model_dir}")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "untrained" in rows and all("+-" in rows[name] for name in ("clean", "blur", "untrained"))
+    per_net = rows["blur"].rstrip(" |").rsplit("|", 1)[1].split(" / ")     # the last cell: one fd_ratio per network
+    assert len(per_net) == 2 and all(float(v) > 0 for v in per_net)
+    assert "seeds [0, 1]" in text and "than clean slices" in text
+    assert not cache_path(store).exists()
+    bad = subprocess.run([sys.executable, str(BENCH / "metric_sensitivity.py"), "--store", str(store.path),
+                          "--feature-seeds", "0,0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'0,0': a seed is repeated" in bad.stderr
