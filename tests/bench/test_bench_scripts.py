@@ -139,9 +139,10 @@ def test_metric_sensitivity_scores_every_degradation(tmp_path):
     assert {"clean", "blotches", "code_errors"} <= set(rows) and "+-" in rows["blotches"]
 
 
-def test_metric_sensitivity_under_several_feature_networks(tmp_path):
+def test_metric_sensitivity_under_several_feature_networks(tmp_path, monkeypatch):
     """--feature-seeds: every row scored under each seed's network (mean +- half range), the ordering verdict
     printed, and the store's cached network left alone; a model directory gets a row of its own."""
+    monkeypatch.setenv("MRIGEN_FEATURE_NET_STEPS", "40")          # the script's subprocess inherits it
     from mrigen.data import build_demo_store
     from mrigen.metrics import cache_path
     from mrigen.models import build_model
