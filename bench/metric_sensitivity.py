@@ -19,9 +19,11 @@ the real-slice rows.
 cached; the store's cached network is left as it is) instead of the store's network: each cell is then the mean
 +- half the range over those networks (and sampling `--seeds`), and a last line says whether every failure scored
 a higher `fd_ratio` than the clean slices, and every model kept its rank, under each network. How far the
-network's own training moves the numbers (docs/METRICS.md, "Limits"):
+networks' own training moves the numbers (docs/METRICS.md, "Three networks, averaged"); `--feature-nets 1` scores
+under single networks instead of the default ensembles of three:
 
     python bench/metric_sensitivity.py --store STORE --feature-seeds 0,1,2 --model champion=DIR
+    python bench/metric_sensitivity.py --store STORE --feature-seeds 0,1,2 --feature-nets 1 --model champion=DIR
 """
 
 from __future__ import annotations
@@ -113,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-seeds", type=_seeds, metavar="S,S,...",
                    help="score every row under feature networks trained with these seeds (not cached) instead of "
                         "the store's own network")
+    p.add_argument("--feature-nets", type=int, default=None, metavar="K",
+                   help="networks per feature ensemble (default: MRIGEN_FEATURE_NET_MEMBERS, else 3)")
     p.add_argument("--sampling", action="append", default=[], metavar="T,K",
                    help="VQ-VAE sampling temperature and top-k for --model (repeatable; default: the model's)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: must be >= 1")
+    if args.feature_nets is not None and args.feature_nets < 1:
+        p.error(f"--feature-nets {args.feature_nets}: must be >= 1")
     sampling = []
     for spec in args.sampling:
         try:
@@ -132,15 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--model {spec!r}: {path} is not a directory")
         models.append((name or path, path))
     store = SliceStore.open(args.store)
+    cfg = default_config(args.feature_nets)
     if args.feature_seeds:
         nets = {}
         for seed in args.feature_seeds:
-            print(f"training a feature network with seed {seed}...", file=sys.stderr, flush=True)
-            nets[seed] = train_feature_net(store, dataclasses.replace(default_config(), seed=seed), progress=False)[0]
-        print(f"(each cell: mean +- half the range over feature networks of seeds {args.feature_seeds}"
-              + (f" x {args.seeds} sampling seeds)" if args.seeds > 1 else ")"))
+            print(f"training a feature network ({cfg.members} member(s)) with seed {seed}...", file=sys.stderr,
+                  flush=True)
+            nets[seed] = train_feature_net(store, dataclasses.replace(cfg, seed=seed), progress=False)[0]
+        print(f"(each cell: mean +- half the range over feature networks of {cfg.members} member(s) with seeds "
+              f"{args.feature_seeds}" + (f" x {args.seeds} sampling seeds)" if args.seeds > 1 else ")"))
     else:
-        nets = {None: get_feature_net(store)}
+        nets = {None: get_feature_net(store, members=cfg.members)}
     test = store.tensor("test", "cpu")
     extra = (" fd_ratio per network |", " --- |") if len(nets) > 1 else ("", "")
     print("| real test slices with | fd_ratio | precision | recall | diversity | hf_ratio |" + extra[0])

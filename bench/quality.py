@@ -29,8 +29,10 @@ import torch
 from PIL import Image
 
 from mrigen.data import DEMO_SUBJECTS, build_demo_store
+from mrigen.metrics.background import start_feature_net
 from mrigen.train import train
 from mrigen.train.configs import build_configs, load_config_file
+from mrigen.train.hooks import ThreadHandBack
 from mrigen.train.images import make_grid
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -145,6 +147,29 @@ def parse_weights(text: str) -> tuple[float, ...]:
     return weights
 
 
+def run_families(args: argparse.Namespace, store, sweep: tuple[float, ...], rows: dict[str, dict]) -> None:
+    """Train and evaluate each family's recipe in turn, filling `rows` and OUT/results.json as each ends."""
+    for family in args.family or ["vqvae", "vae"]:
+        model_cfg, train_cfg = recommended(family, args.mode)
+        overrides = {"epochs": args.epochs, "prior_steps": args.prior_steps, "eval_samples": args.samples}
+        train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
+        t0 = time.perf_counter()
+        result = train(model_cfg, train_cfg, store, progress=False, hooks=[ThreadHandBack()])
+        wall = time.perf_counter() - t0
+        m = dict(result.val_metrics, wall_s=wall, epochs=result.epochs_run)
+        grid = save_grids(result.model, store, args.out, family)
+        rows[family] = m
+        if result.prior_curve and "val_loss" in result.prior_curve[-1]:
+            m["prior_curve"], m["prior_kept_step"] = result.prior_curve, result.extra.get("prior_kept_step")
+            print(prior_line(family, result.prior_curve, m["prior_kept_step"]), flush=True)
+        if sweep and getattr(result.model.config, "flow_guide", False):
+            m["autoguidance_sweep"] = autoguidance_sweep(result.model, store, sweep, args.out, args.samples)
+        print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}; "
+              + ", ".join(f"{k} {m[k]:.3f}" for k in ("ssim", "psnr", "fd_ratio", "hf_ratio", "memorised")
+                            if k in m), flush=True)
+        write_results(args, rows)  # after each family: a run cut short (a device call's time limit) keeps it
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: 64 px on CPU; gpu: 128 px on CUDA")
@@ -170,25 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo store: {args.subjects} subjects, {len(store.slices('train'))} train / "
           f"{len(store.slices('val'))} held-out (val) slices at {mode['size']} px", flush=True)
     rows = {}
-    for family in args.family or ["vqvae", "vae"]:
-        model_cfg, train_cfg = recommended(family, args.mode)
-        overrides = {"epochs": args.epochs, "prior_steps": args.prior_steps, "eval_samples": args.samples}
-        train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
-        t0 = time.perf_counter()
-        result = train(model_cfg, train_cfg, store, progress=False)
-        wall = time.perf_counter() - t0
-        m = dict(result.val_metrics, wall_s=wall, epochs=result.epochs_run)
-        grid = save_grids(result.model, store, args.out, family)
-        rows[family] = m
-        if result.prior_curve and "val_loss" in result.prior_curve[-1]:
-            m["prior_curve"], m["prior_kept_step"] = result.prior_curve, result.extra.get("prior_kept_step")
-            print(prior_line(family, result.prior_curve, m["prior_kept_step"]), flush=True)
-        if sweep and getattr(result.model.config, "flow_guide", False):
-            m["autoguidance_sweep"] = autoguidance_sweep(result.model, store, sweep, args.out, args.samples)
-        print(f"{family}: trained {result.epochs_run} epochs in {wall:.0f} s; grid {grid}; "
-              + ", ".join(f"{k} {m[k]:.3f}" for k in ("ssim", "psnr", "fd_ratio", "hf_ratio", "memorised")
-                            if k in m), flush=True)
-        write_results(args, rows)  # after each family: a run cut short (a device call's time limit) keeps it
+    # On a CPU the store's feature networks (3 x ~65 s on one core, once per store) train in a child process
+    # beside the first model, which gets both cores back at its first epoch end after the child is done.
+    features = start_feature_net(store, mode["device"])
+    try:
+        run_families(args, store, sweep, rows)
+    finally:
+        if features is not None:
+            features.close()
     print()
     cols = [("ssim", "SSIM"), ("psnr", "PSNR dB"), ("ms_ssim", "MS-SSIM"), ("fd_ratio", "fd_ratio"),
             ("precision", "prec"), ("precision_real", "prec real"), ("recall", "recall"),

@@ -24,6 +24,7 @@ import pytest
 # with 600 steps instead of the default 1,500 to keep the suite's time; tests of what the metrics can see pass
 # an explicit FeatureNetConfig() (tests/metrics/test_metrics_discrimination.py).
 os.environ.setdefault("MRIGEN_FEATURE_NET_STEPS", "600")
+os.environ.setdefault("MRIGEN_FEATURE_NET_MEMBERS", "1")   # one network: the ensemble is tested on its own
 
 # Variables that would give the client direct S3 access or another tracking server; removed by `mlflow_env`.
 _CLIENT_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",

@@ -5,11 +5,11 @@ The feature network (mrigen.metrics.features) is trained once per store, when th
 one thread, 10.7 s on two) while a trial's training gains much more (the preview's VAE: 209 vs 340 img/s), so the
 two side by side, one core each, finish sooner than one after the other (bench/RESULTS.md, session 19).
 
-`start_feature_net` starts the child (`python -m mrigen.metrics.background --store DIR --digest SHA`) and gives this
-process's training the remaining threads; `poll` (each epoch of a tuning trial) gives them back once the child has
-ended, and the first `get_feature_net` call for the store waits for the child if it still runs, then loads the file
-the child cached. If the child failed, that call says so and trains the network itself. The network is the same
-either way: `train_feature_net` trains on `CPU_THREADS` threads on any CPU.
+`start_feature_net` starts the child (`python -m mrigen.metrics.background --store DIR --digest SHA --members K`)
+and gives this process's training the remaining threads; `poll` (each epoch of a tuning trial) gives them back once
+the child has ended, and the first `get_feature_net` call for the store waits for the child if it still runs, then
+loads the file the child cached. If the child failed, that call says so and trains the network itself. The network
+is the same either way: `train_feature_net` trains on `CPU_THREADS` threads on any CPU.
 """
 
 from __future__ import annotations
@@ -33,20 +33,22 @@ log = logging.getLogger(__name__)
 
 
 class BackgroundFeatureNet:
-    """A child process that trains `store`'s feature network and caches it (`cache_path(store)`).
+    """A child process that trains `store`'s feature network of `members` networks and caches it
+    (`cache_path(store, members)`).
 
     While it runs, this process computes on `torch.get_num_threads() - CPU_THREADS` threads (at least one);
     `wait`, `poll` or `close` gives the threads back. Registered with `get_feature_net`, which waits for it before
     it looks for the cached file.
     """
 
-    def __init__(self, store: StoreLike) -> None:
-        self.path = cache_path(store)
+    def __init__(self, store: StoreLike, members: int) -> None:
+        self.path = cache_path(store, members)
         self._threads_before = torch.get_num_threads()
         package_root = str(Path(__file__).resolve().parents[2])           # the child imports this same mrigen
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "mrigen.metrics.background", "--store", str(store.path), "--digest", store.digest],
+            [sys.executable, "-m", "mrigen.metrics.background", "--store", str(store.path), "--digest", store.digest,
+             "--members", str(members)],
             env=env, stdin=subprocess.DEVNULL)
         self._started = time.monotonic()
         self._ended = False
@@ -116,18 +118,21 @@ def poll() -> None:
         job.poll()
 
 
-def start_feature_net(store: StoreLike, device: torch.device | str) -> BackgroundFeatureNet | None:
-    """Train `store`'s feature network in a background process when that can save time; else return None.
+def start_feature_net(store: StoreLike, device: torch.device | str, members: int | None = None
+                      ) -> BackgroundFeatureNet | None:
+    """Train `store`'s feature network of `members` networks (None: `default_config()`'s) in a background process
+    when that can save time; else return None.
 
     It can when the network will be trained on the CPU (`device`), is not cached yet and not already being trained,
     this process has at least two threads to share, and the store's directory is writable (the child hands the
     network over through the cache file).
     """
-    path = cache_path(store)
+    members = default_config().members if members is None else members
+    path = cache_path(store, members)
     if (torch.device(device).type != "cpu" or path.is_file() or path in _PENDING
             or torch.get_num_threads() <= CPU_THREADS or not os.access(Path(store.path), os.W_OK)):
         return None
-    return BackgroundFeatureNet(store)
+    return BackgroundFeatureNet(store, members)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "mrigen.tune while its first trial trains).")
     parser.add_argument("--store", required=True, help="slice store directory")
     parser.add_argument("--digest", required=True, help="the store digest the caller expects")
+    parser.add_argument("--members", type=int, default=None,
+                        help="networks in the ensemble (default: MRIGEN_FEATURE_NET_MEMBERS, else 3)")
     args = parser.parse_args(argv)
     from mrigen.data import SliceStore, StoreError
 
@@ -145,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if store.digest != args.digest:
             raise ValueError(f"--store {args.store}: its digest is {store.digest[:12]}, not the {args.digest[:12]} "
                              "the caller opened (the store changed)")
-        net, summary = train_feature_net(store, default_config(), progress=False)
-        save_feature_net(net, cache_path(store), store_digest=store.digest, summary=summary)
+        cfg = default_config(args.members)
+        net, summary = train_feature_net(store, cfg, progress=False)
+        save_feature_net(net, cache_path(store, cfg.members), store_digest=store.digest, summary=summary)
     except (StoreError, ValueError, OSError) as exc:
         print(f"mrigen.metrics.background: {exc}", file=sys.stderr)
         return 2

@@ -138,8 +138,7 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
     # Precision / recall use the embedding only: with the detector probabilities in, the k-NN ball of the odd
     # real slice the detector flags (say, as noisy) reaches across to that failure's corner and covers every
     # sample showing it (measured: noisy slices scored precision 0.98). FD has no such outlier balls.
-    emb = feature_net.cfg.feature_dim
-    ref, base, fake_emb = feats_ref[:, :emb], feats_base[:, :emb], feats_fake[:, :emb]
+    ref, base, fake_emb = (feature_net.embedding(f) for f in (feats_ref, feats_base, feats_fake))
     result["precision"], result["recall"] = precision_recall(ref, fake_emb, k=k, real_groups=reference_groups)
     result["precision_real"], result["recall_real"] = precision_recall(ref, base, k=k, real_groups=reference_groups)
     pairs = pair_indices(min(fake.shape[0], baseline.shape[0]), DIVERSITY_PAIRS,
@@ -156,7 +155,7 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_samples: int | None = None,
              batch_size: int = 256, feature_net: FeatureNet | Path | str | None = None, seed: int = 0,
-             device: torch.device | str | None = None) -> dict[str, float]:
+             device: torch.device | str | None = None, feature_nets: int | None = None) -> dict[str, float]:
     """All quality metrics of `model` on one held-out split of `store`, each sample metric beside a real baseline.
 
     Reconstruction (all slices of the split): `ssim`, `psnr` (dB, capped at 100), `ms_ssim` (only at >= 22 px),
@@ -178,6 +177,8 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
         n_samples: samples to draw (> PR_K); None = `EVAL_SAMPLES`.
         batch_size: images per model / feature-net call.
         feature_net: a FeatureNet, a weights file for one, or None for the store's cached (or newly trained) one.
+        feature_nets: with `feature_net` None, the networks in the store's ensemble (None: the default, 3, or
+            `MRIGEN_FEATURE_NET_MEMBERS`); each count is its own cached file and its own metric.
         seed: seeds the baseline draw, the sampling generator (on the model's device) and the diversity pairs.
         device: where to compute; default the model's device.
 
@@ -236,7 +237,7 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
         model.train(was_training)
 
     if not isinstance(feature_net, FeatureNet):
-        feature_net = get_feature_net(store, feature_net, device=device)
+        feature_net = get_feature_net(store, feature_net, device=device, members=feature_nets)
     feature_net = feature_net.to(device)
     result.update(sample_metrics(fake, real, baseline, train, feature_net=feature_net,
                                  reference_groups=_subject_groups(subjects, PR_K, split),

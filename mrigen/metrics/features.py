@@ -11,12 +11,19 @@ trained here, on the store itself, with three auxiliary tasks (docs/METRICS.md s
 
 It trains on the subjects of one `train_halves` half only: the other half is the real baseline of `evaluate`.
 
-Features are the L2-normalised penultimate activations (`FeatureNetConfig.feature_dim` wide) followed by the
-network's own degradation probabilities (one per `pretext.DEGRADATIONS` entry, times `detector_weight`): a sample
-set the network sees as blotched or patchy then sits away from real slices by construction, instead of along
+Each network's features are its L2-normalised penultimate activations (`FeatureNetConfig.feature_dim` wide)
+followed by its own degradation probabilities (one per `pretext.DEGRADATIONS` entry, times `detector_weight`): a
+sample set the network sees as blotched or patchy then sits away from real slices by construction, instead of along
 whichever small direction of the embedding the degradation head happens to use (docs/METRICS.md, "why the
-detector is in the features"). The trained network (trunk, embedding, degradation head) is cached as
-`STORE/feature_net-v3-<digest[:12]>.safetensors` with the store digest and config in its metadata.
+detector is in the features").
+
+One network's features are one draw: what it weighs depends on its training seed, and `fd_ratio` of one sample set
+moved by up to 2x between seeds. So `FeatureNet` is an ensemble of `FeatureNetConfig.members` networks (3 by
+default), each trained alone with its own seed, whose features are concatenated and scaled by 1/sqrt(members): a
+squared distance in that space is the mean of the members' squared distances (docs/METRICS.md, "Three networks,
+averaged").
+The trained ensemble is cached as `STORE/feature_net-v4-<digest[:12]>-<members>nets.safetensors` with the store
+digest and config in its metadata.
 """
 
 from __future__ import annotations
@@ -43,20 +50,23 @@ from mrigen.config import config_from_dict
 
 from .pretext import DEGRADATIONS, AuxTargets, aux_targets, degrade, head_masks
 
-__all__ = ["CPU_THREADS", "FORMAT", "STEPS_ENV", "FeatureNet", "FeatureNetConfig", "StoreLike", "cache_path",
-           "default_config", "extract_features", "get_feature_net", "load_feature_net", "resize_square",
-           "save_feature_net", "save_weights_atomic", "train_feature_net", "train_halves"]
+__all__ = ["CPU_THREADS", "FORMAT", "MEMBERS_ENV", "MEMBER_SEED_STRIDE", "STEPS_ENV", "FeatureBranch", "FeatureNet",
+           "FeatureNetConfig", "StoreLike", "cache_path", "default_config", "extract_features", "get_feature_net",
+           "load_feature_net", "prepare", "resize_square", "save_feature_net", "save_weights_atomic",
+           "train_feature_net", "train_halves"]
 
 log = logging.getLogger(__name__)
 
 CPU_THREADS = 1                     # torch threads a network trains on, on a CPU (see train_feature_net)
 STEPS_ENV = "MRIGEN_FEATURE_NET_STEPS"   # overrides FeatureNetConfig.steps of a newly trained default network
-FORMAT = "mrigen.feature_net/3"     # metadata["format"]; /3: degradation head saved and part of the features
+MEMBERS_ENV = "MRIGEN_FEATURE_NET_MEMBERS"   # overrides FeatureNetConfig.members of a default network
+MEMBER_SEED_STRIDE = 1000           # member i trains with seed + 1000 * i (member 0 = the single network of `seed`)
+FORMAT = "mrigen.feature_net/4"     # metadata["format"]; /4: an ensemble of members (/3: one network)
 
 
 # Cache paths whose network a background process is training (mrigen.metrics.background), each with the call that
 # waits for it; `get_feature_net` waits before it looks for the file, so it never trains the same network twice.
-_PENDING: dict[Path, Callable[[], None]] = {}
+_PENDING: dict[Path, Callable[[], object]] = {}
 
 
 class StoreLike(Protocol):
@@ -72,7 +82,7 @@ class StoreLike(Protocol):
 
 @dataclass(frozen=True)
 class FeatureNetConfig:
-    """Architecture and training of the feature network. Defaults train in ~80 s on two CPU cores at 64 px."""
+    """Architecture and training of the feature networks. Each member trains in ~65 s on one CPU thread at 64 px."""
 
     input_size: int = 64                    # every image is resized to this side first (any store size works)
     channels: tuple[int, ...] = (16, 32, 64, 128)    # conv stages, each halves the side (64 -> 4 px)
@@ -81,10 +91,11 @@ class FeatureNetConfig:
     steps: int = 1500                       # optimiser steps (600 left patchy samples near real: METRICS.md)
     batch_size: int = 64                    # slices per step (each gets one random degradation)
     lr: float = 5e-4                        # Adam learning rate (1e-3+ leaves the degradation task at chance)
-    seed: int = 0                           # seeds weights, batches and degradations
+    seed: int = 0                           # seeds weights, batches and degradations (member i: seed + 1000 i)
+    members: int = 3                        # networks averaged (1 = one network, whose draw moves fd_ratio ~2x)
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "feature_dim", "steps", "batch_size"):
+        for name in ("input_size", "feature_dim", "steps", "batch_size", "members"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"FeatureNetConfig.{name}={getattr(self, name)!r} must be >= 1")
         if not self.channels or any(int(c) < 1 for c in self.channels):
@@ -104,23 +115,35 @@ class FeatureNetConfig:
         return config_from_dict(cls, data)
 
 
-def default_config() -> FeatureNetConfig:
-    """`FeatureNetConfig()`, with `steps` from the environment variable `MRIGEN_FEATURE_NET_STEPS` when it is set
-    (fewer steps train faster and see failures less well: docs/METRICS.md; the test suite uses 600).
+def default_config(members: int | None = None) -> FeatureNetConfig:
+    """`FeatureNetConfig()`, with `steps` from the environment variable `MRIGEN_FEATURE_NET_STEPS` and `members`
+    from `MRIGEN_FEATURE_NET_MEMBERS` when they are set (fewer steps train faster and see failures less well, one
+    member is one network's draw: docs/METRICS.md; the test suite uses 600 steps and 1 member).
+
+    Args:
+        members: networks in the ensemble; None = the variable's value, else `FeatureNetConfig.members`.
 
     Raises:
-        ValueError: if the variable is set but is not an integer >= 1.
+        ValueError: if a variable is set but is not an integer >= 1.
     """
-    raw = os.environ.get(STEPS_ENV, "").strip()
-    if not raw:
-        return FeatureNetConfig()
+    changes = {name: _env_int(var, what) for name, var, what in (
+        ("steps", STEPS_ENV, "feature network training steps"),
+        ("members", MEMBERS_ENV, "feature networks in the ensemble"))
+        if os.environ.get(var, "").strip()}
+    if members is not None:
+        changes["members"] = members
+    return FeatureNetConfig(**changes)
+
+
+def _env_int(var: str, what: str) -> int:
+    raw = os.environ[var].strip()
     try:
-        steps = int(raw)
+        value = int(raw)
     except ValueError:
-        steps = 0
-    if steps < 1:
-        raise ValueError(f"{STEPS_ENV}={raw!r} must be an integer >= 1 (feature network training steps)")
-    return FeatureNetConfig(steps=steps)
+        value = 0
+    if value < 1:
+        raise ValueError(f"{var}={raw!r} must be an integer >= 1 ({what})")
+    return value
 
 
 def train_halves(slices: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +182,9 @@ def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-class FeatureNet(nn.Module):
-    """Conv trunk + dense embedding + degradation head; `features(x)` gives `(B, feature_dim + n_deg)` vectors:
-    the unit-norm embedding, then `detector_weight` times the degradation probabilities.
+class FeatureBranch(nn.Module):
+    """One feature network: conv trunk, dense embedding, degradation head. Input `(B, 1, s, s)` prepared by
+    `prepare` (s = cfg.input_size, centred at 0); `forward` gives the raw `(B, feature_dim)` embedding.
 
     Args:
         cfg: architecture (input_size, channels, feature_dim).
@@ -169,7 +192,6 @@ class FeatureNet(nn.Module):
 
     def __init__(self, cfg: FeatureNetConfig) -> None:
         super().__init__()
-        self.cfg = cfg
         layers: list[nn.Module] = []
         c_in = 1
         for c_out in cfg.channels:          # each stage: (B, c_in, s, s) -> (B, c_out, s/2, s/2)
@@ -181,32 +203,62 @@ class FeatureNet(nn.Module):
         self.embed = nn.Linear(c_in * side * side, cfg.feature_dim)   # flatten keeps the anatomical layout
         self.detector = nn.Linear(cfg.feature_dim, len(DEGRADATIONS))  # degradation logits from the embedding
 
-    @property
-    def out_dim(self) -> int:
-        """Width of `features(x)`: the embedding, then one probability per degradation."""
-        return self.cfg.feature_dim + len(DEGRADATIONS)
-
     def degradation_logits(self, h: torch.Tensor) -> torch.Tensor:
         """`(B, feature_dim)` raw embedding -> `(B, len(DEGRADATIONS))` logits (index = `DEGRADATIONS` entry)."""
         return self.detector(F.leaky_relu(h, 0.2))
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, 1, H, W)` in [0, 1] -> `(B, 1, s, s)` centred at 0, s = cfg.input_size."""
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"FeatureNet input must be (B, 1, H, W); got shape {tuple(x.shape)}")
-        return resize_square(x, self.cfg.input_size) - 0.5
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw penultimate activations: `(B, 1, H, W)` in [0, 1] -> `(B, feature_dim)`."""
-        h = self.trunk(self._prepare(x))
-        return self.embed(h.flatten(1))     # (B, C, s, s) -> (B, C*s*s) -> (B, feature_dim)
+        """Raw penultimate activations: prepared `(B, 1, s, s)` -> `(B, feature_dim)`."""
+        return self.embed(self.trunk(x).flatten(1))     # (B, C, s', s') -> (B, C*s'*s') -> (B, feature_dim)
+
+
+def prepare(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`(B, 1, H, W)` in [0, 1] -> `(B, 1, size, size)` centred at 0: what a `FeatureBranch` takes."""
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"FeatureNet input must be (B, 1, H, W); got shape {tuple(x.shape)}")
+    return resize_square(x, size) - 0.5
+
+
+class FeatureNet(nn.Module):
+    """`cfg.members` feature networks (`FeatureBranch`), each trained alone with its own seed; `features(x)` gives
+    `(B, members * (feature_dim + n_deg))` vectors: per member, the unit-norm embedding then `detector_weight`
+    times the degradation probabilities, all scaled by 1/sqrt(members) (a squared distance between two feature
+    vectors is then the mean of the members' squared distances).
+
+    Args:
+        cfg: architecture (input_size, channels, feature_dim, members).
+    """
+
+    def __init__(self, cfg: FeatureNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(FeatureBranch(cfg) for _ in range(cfg.members))
+
+    @property
+    def member_dim(self) -> int:
+        """Width of one member's part of `features(x)`: its embedding, then one probability per degradation."""
+        return self.cfg.feature_dim + len(DEGRADATIONS)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of `features(x)`."""
+        return len(self.members) * self.member_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, 1, H, W)` in [0, 1] -> `(B, out_dim)`: unit-norm embedding, then `detector_weight` x softmax of
-        the degradation logits (so every row's norm lies in [1, sqrt(1 + detector_weight**2)])."""
-        h = self.forward(x)
-        probs = self.degradation_logits(h).softmax(1)
-        return torch.cat([F.normalize(h, dim=1), self.cfg.detector_weight * probs], 1)
+        """`(B, 1, H, W)` in [0, 1] -> `(B, out_dim)` (every row's norm lies in [1, sqrt(1 + detector_weight**2)])."""
+        x = prepare(x, self.cfg.input_size)
+        parts = []
+        for member in self.members:
+            h = member(x)                                                    # (B, feature_dim)
+            probs = member.degradation_logits(h).softmax(1)                  # (B, n_deg)
+            parts += [F.normalize(h, dim=1), self.cfg.detector_weight * probs]
+        return torch.cat(parts, 1) / len(self.members) ** 0.5
+
+    def embedding(self, feats: torch.Tensor) -> torch.Tensor:
+        """The embedding columns of `features(x)` output: `(N, out_dim)` -> `(N, members * feature_dim)`, rows of
+        norm 1 (precision / recall use these: docs/METRICS.md says why not the probabilities)."""
+        parts = feats.unflatten(1, (len(self.members), self.member_dim))[:, :, :self.cfg.feature_dim]
+        return parts.flatten(1)
 
 
 @torch.no_grad()
@@ -231,22 +283,25 @@ def extract_features(net: FeatureNet, images: torch.Tensor, *, batch_size: int =
         net.train(was_training)
 
 
-def cache_path(store: StoreLike) -> Path:
-    """Where the feature network of `store` is cached: `STORE/feature_net-v<format>-<digest[:12]>.safetensors`.
+def cache_path(store: StoreLike, members: int | None = None) -> Path:
+    """Where the feature network of `store` with `members` networks (None: `default_config()`'s) is cached:
+    `STORE/feature_net-v<format>-<digest[:12]>-<members>nets.safetensors`.
 
     The format version is in the name, so a cache written by an older mrigen is ignored (and a new one trained)
-    rather than refused.
+    rather than refused; the member count is too, so an evaluation asking for another count never reads it.
     """
     version = FORMAT.rsplit("/", 1)[1]
-    return Path(store.path) / f"feature_net-v{version}-{store.digest[:12]}.safetensors"
+    members = default_config().members if members is None else members
+    return Path(store.path) / f"feature_net-v{version}-{store.digest[:12]}-{members}nets.safetensors"
 
 
 @torch.enable_grad()                 # callers such as evaluate() run under no_grad
 def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
                       device: torch.device | str = "cpu", progress: bool = True) -> tuple[FeatureNet, dict[str, float]]:
-    """Train a feature network on the store's real train slices of the first `train_halves` half.
+    """Train the feature networks (`cfg.members`, one after the other, member i with seed `cfg.seed + 1000 i`) on
+    the store's real train slices of the first `train_halves` half.
 
-    Shows a tqdm bar (when stderr is a terminal and `progress`) and logs a one-line summary.
+    Shows a tqdm bar per member (when stderr is a terminal and `progress`) and logs a one-line summary.
 
     On a CPU it trains on ONE thread (`CPU_THREADS`) whatever the process uses, and gives the threads back after:
     float sums split over 2 threads differ from 1 thread's (largest weight difference 3e-3 after 60 steps), and a
@@ -256,14 +311,15 @@ def train_feature_net(store: StoreLike, cfg: FeatureNetConfig | None = None, *,
 
     Args:
         store: the slice store; uses `tensor("train", device)` and `slices("train")`.
-        cfg: architecture and training settings (defaults if None).
+        cfg: architecture and training settings (`default_config()` if None).
         device: where to train.
         progress: False never shows the bar (a background process: mrigen.metrics.background).
 
     Returns:
-        (net in eval mode, summary of the last 10% of steps: loss, pos_mae, site_acc, degradation_acc).
+        (net in eval mode, summary of the last 10% of steps averaged over members: loss, pos_mae, site_acc,
+        degradation_acc).
     """
-    cfg = cfg or FeatureNetConfig()
+    cfg = cfg or default_config()
     device = torch.device(device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -284,26 +340,47 @@ def _train(store: StoreLike, cfg: FeatureNetConfig, device: torch.device, progre
                          f"{images.shape[0]} images")
     images = resize_square(images[rows.to(device)], cfg.input_size)           # (N, 1, s, s) in [0, 1]
     targets: AuxTargets = aux_targets([slices[i] for i in rows.tolist()], images.shape[0], device)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    masks = tuple(torch.cat(parts) for parts in zip(*(head_masks(images[i:i + 512])
+                                                       for i in range(0, images.shape[0], 512))))
     torch_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)                                # weight init, without touching caller's RNG
     net = FeatureNet(cfg)
+    tails = []
+    for i in range(cfg.members):
+        seed = cfg.seed + MEMBER_SEED_STRIDE * i
+        torch.manual_seed(seed)                                # weight init, without touching caller's RNG
+        member = FeatureBranch(cfg)
+        heads = nn.Linear(cfg.feature_dim, 1 + targets.n_sites)   # position | site logits (store-specific)
+        torch.random.set_rng_state(torch_state)
+        desc = f"feature net {i + 1}/{cfg.members} ({store.digest[:12]})"
+        tails += _train_member(member, heads, images, masks, targets, cfg, seed, device,
+                               tqdm(range(cfg.steps), desc=desc, unit="step", leave=False,
+                                    disable=None if progress else True))   # None: no bar without a terminal
+        net.members[i] = member
+    net.to(device).eval()
+    summary = {k: sum(t[k] for t in tails) / len(tails) for k in tails[0]}
+    log.info("feature nets (%d) trained on %d slices of store %s in %d steps each: loss %.3f, position MAE %.3f "
+             "(band=1), site acc %.2f (%d sites), degradation acc %.2f", cfg.members, images.shape[0],
+             store.digest[:12], cfg.steps, summary["loss"], summary["pos_mae"], summary["site_acc"], targets.n_sites,
+             summary["degradation_acc"])
+    return net, summary
+
+
+def _train_member(net: FeatureBranch, heads: nn.Linear, images: torch.Tensor, masks: tuple[torch.Tensor, ...],
+                  targets: AuxTargets, cfg: FeatureNetConfig, seed: int, device: torch.device, bar: tqdm
+                  ) -> list[dict[str, float]]:
+    """Train one member on the three tasks for `cfg.steps` steps (batches and degradations drawn from `seed`);
+    returns the per-step statistics of the last 10% of steps."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     n_deg = len(DEGRADATIONS)
-    heads = nn.Linear(cfg.feature_dim, 1 + targets.n_sites)       # position | site logits (store-specific)
-    torch.random.set_rng_state(torch_state)
     net.to(device)
     heads.to(device)
     opt = torch.optim.Adam([*net.parameters(), *heads.parameters()], lr=cfg.lr)
     net.train()
     tail: list[dict[str, float]] = []
-    masks = tuple(torch.cat(parts) for parts in zip(*(head_masks(images[i:i + 512])
-                                                       for i in range(0, images.shape[0], 512))))
-    bar = tqdm(range(cfg.steps), desc=f"feature net ({store.digest[:12]})", unit="step", leave=False,
-               disable=None if progress else True)            # None: no bar when stderr is not a terminal
     for step in bar:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
         x, kind = degrade(images[idx], gen, tuple(m[idx] for m in masks))   # (B, 1, H, W), (B,) into DEGRADATIONS
-        h = net(x)                                             # (B, feature_dim)
+        h = net(prepare(x, cfg.input_size))                    # (B, feature_dim)
         out = torch.cat([heads(F.leaky_relu(h, 0.2)), net.degradation_logits(h)], 1)  # (B, 1 + n_sites + n_deg)
         pos_err = out[:, 0] - targets.pos[idx]
         loss_deg = F.cross_entropy(out[:, -n_deg:], kind)
@@ -323,11 +400,7 @@ def _train(store: StoreLike, cfg: FeatureNetConfig, device: torch.device, progre
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     net.eval()
-    summary = {k: sum(t[k] for t in tail) / len(tail) for k in tail[0]}
-    log.info("feature net trained on %d slices of store %s in %d steps: loss %.3f, position MAE %.3f (band=1), "
-             "site acc %.2f (%d sites), degradation acc %.2f", images.shape[0], store.digest[:12], cfg.steps,
-             summary["loss"], summary["pos_mae"], summary["site_acc"], targets.n_sites, summary["degradation_acc"])
-    return net, summary
+    return tail
 
 
 def save_feature_net(net: FeatureNet, path: Path | str, *, store_digest: str,
@@ -397,22 +470,30 @@ def load_feature_net(path: Path | str, *, store_digest: str, device: torch.devic
 
 
 def get_feature_net(store: StoreLike, weights: Path | str | None = None, *, device: torch.device | str = "cpu",
-                    config: FeatureNetConfig | None = None) -> FeatureNet:
+                    config: FeatureNetConfig | None = None, members: int | None = None) -> FeatureNet:
     """The feature network of `store`: user weights, else the cached file, else train and cache it.
 
     Args:
         store: slice store (digest, path, tensor(), slices()).
         weights: a user-supplied feature network file; validated against the store digest and its shapes.
         device: where the returned net lives (and where a new one is trained).
-        config: settings for a new network (None = `default_config()`). A cached file is used whatever its settings when
-            `config` is None, and refused (not replaced) when `config` is given and differs from them.
+        config: settings for a new network (None = `default_config(members)`). A cached file with the same member
+            count is used whatever its other settings when `config` is None, and refused (not replaced) when `config`
+            is given and differs from them.
+        members: networks in the ensemble when `config` is None (None: `default_config()`'s); each count has its
+            own cache file.
 
     Returns:
         FeatureNet in eval mode on `device`.
     """
     if weights is not None:
-        return load_feature_net(weights, store_digest=store.digest, device=device)
-    path = cache_path(store)
+        net = load_feature_net(weights, store_digest=store.digest, device=device)
+        if members is not None and net.cfg.members != members:
+            raise ValueError(f"feature network {weights} has {net.cfg.members} member(s), not the {members} asked for")
+        return net
+    if config is not None and members is not None and members != config.members:
+        raise ValueError(f"get_feature_net: members={members} contradicts config.members={config.members}")
+    path = cache_path(store, config.members if config is not None else members)
     waiting = _PENDING.pop(path, None)
     if waiting is not None:                # being trained in a background process: let it finish and cache it
         waiting()
@@ -423,7 +504,7 @@ def get_feature_net(store: StoreLike, weights: Path | str | None = None, *, devi
             raise ValueError(f"cached feature network {path} was made with other settings ({changed}); pass "
                              f"config={net.cfg} to use it, or delete the file to train a new one")
         return net
-    net, summary = train_feature_net(store, config or default_config(), device=device)
+    net, summary = train_feature_net(store, config or default_config(members), device=device)
     try:
         save_feature_net(net, path, store_digest=store.digest, summary=summary)
     except OSError as exc:   # a read-only store still evaluates; the next call retrains (seeded: same weights)

@@ -60,20 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from mrigen.train.hooks import LocalLogger
+    from mrigen.train.hooks import LocalLogger, ThreadHandBack
     from mrigen.train.loop import train
 
     progress = logs.progress()
-    hooks = [LocalLogger(args.out)] + ([] if progress else [EpochLine()])
+    hooks = [LocalLogger(args.out), ThreadHandBack()] + ([] if progress else [EpochLine()])
     tracking = _tracking_hook(args)
     if tracking is not None:
         hooks.append(tracking)
+    features = None
     try:
+        features = _feature_net_in_background(store, train_cfg)
         result = train(model_cfg, train_cfg, store, out_dir=args.out, hooks=hooks, resume=args.resume,
                        progress=progress)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if features is not None:
+            features.close()
     summary = {k: round(v, 4) for k, v in result.val_metrics.items() if isinstance(v, float)}
     print(f"trained {model_cfg.family} for {result.epochs_run} epochs -> {args.out}/model; "
           f"validation: {json.dumps(summary)}")
@@ -89,6 +94,18 @@ class EpochLine(Hook):
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in self.KEYS if k in metrics)
         print(f"epoch {epoch + 1}/{ctx.train_cfg.epochs} {shown} ({metrics.get('img_per_s', 0):.0f} img/s on "
               f"{ctx.device})", flush=True)
+
+
+def _feature_net_in_background(store, train_cfg):
+    """On a CPU, the store's feature networks (for the final evaluation; 3 take ~3 min of one core at 64 px, once
+    per store) train in a child process beside the model (mrigen.metrics.background); None when they are cached,
+    on a GPU, or without a final evaluation."""
+    if not train_cfg.final_eval:
+        return None
+    from mrigen.device import pick_device
+    from mrigen.metrics.background import start_feature_net
+
+    return start_feature_net(store, pick_device(train_cfg.device), train_cfg.eval_feature_nets or None)
 
 
 def _open_store(data: str, out: Path, size: int):

@@ -73,6 +73,8 @@ class TrainConfig:
     eval_batch_size: int = 512       # images per forward pass in validation
     final_eval: bool = True          # run the full quality evaluation (FD, precision/recall...) at the end
     eval_samples: int = 0            # samples for the final evaluation; 0 = the metrics' default (500)
+    eval_feature_nets: int = 0       # feature networks the final evaluation averages (each count is its own
+                                     # metric and cache file); 0 = the default, 3 (MRIGEN_FEATURE_NET_MEMBERS)
     checkpoint_every_s: float = 300.0  # seconds between resumable checkpoints (with an output dir); one is always
                                      # written after the last epoch; 0 = after every epoch
 
@@ -82,8 +84,8 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 1")
         non_negative = ("weight_decay", "ssim_weight", "spectral_weight", "beta", "kl_warmup_epochs", "free_bits",
-                        "prior_steps", "grid_every", "eval_samples", "checkpoint_every_s", "adv_weight",
-                        "adv_start_epoch", "early_stop_patience")
+                        "prior_steps", "grid_every", "eval_samples", "eval_feature_nets", "checkpoint_every_s",
+                        "adv_weight", "adv_start_epoch", "early_stop_patience")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0")

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from mrigen.train.loop import TrainResult
 
-__all__ = ["Hook", "TrainContext", "StopTraining", "LocalLogger", "write_json_atomic"]
+__all__ = ["Hook", "TrainContext", "StopTraining", "LocalLogger", "ThreadHandBack", "write_json_atomic"]
 
 
 class StopTraining(Exception):
@@ -69,6 +69,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
     os.replace(tmp, path)
+
+
+class ThreadHandBack(Hook):
+    """Each epoch, gives the training back the threads of a feature network that has finished training in a
+    background process (`mrigen.metrics.background.poll`; started by `mrigen.tune`, `python -m mrigen.train` or
+    `bench/quality.py` on a CPU)."""
+
+    def on_epoch_end(self, ctx: TrainContext, epoch: int, metrics: dict[str, float]) -> None:
+        from mrigen.metrics import background
+
+        background.poll()
 
 
 class LocalLogger(Hook):

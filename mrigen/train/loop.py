@@ -447,7 +447,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, store, *, out_dir: Pat
             from mrigen.metrics import evaluate
 
             n = train_cfg.eval_samples or None
-            result.val_metrics = evaluate(model, store, "val", n_samples=n, seed=train_cfg.seed, device=device)
+            result.val_metrics = evaluate(model, store, "val", n_samples=n, seed=train_cfg.seed, device=device,
+                                          feature_nets=train_cfg.eval_feature_nets or None)
         elif history:
             result.val_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
         if out_dir is not None:

@@ -14,6 +14,7 @@ import optuna
 
 from mrigen.registry.rule import FINAL_ONLY_METRICS, MissingMetricError
 from mrigen.train import Hook, StopTraining, TrainContext, train
+from mrigen.train.hooks import ThreadHandBack
 from mrigen.train.configs import build_configs
 from mrigen.tune import promotion
 from mrigen.tune.study import Budget, StudySpec, dotted_layer
@@ -76,16 +77,6 @@ class RunIdRecorder(Hook):
     def on_start(self, ctx: TrainContext) -> None:
         if self.tracker.run_id:
             self.trial.set_user_attr("mlflow_run_id", self.tracker.run_id)
-
-
-class ThreadHandBack(Hook):
-    """Each epoch, gives the trial back the threads of a feature network that has finished training in a background
-    process (`mrigen.metrics.background.poll`; `runner._feature_net_in_background` started it)."""
-
-    def on_epoch_end(self, ctx: TrainContext, epoch: int, metrics: dict[str, float]) -> None:
-        from mrigen.metrics import background
-
-        background.poll()
 
 
 class ProgressHook(Hook):

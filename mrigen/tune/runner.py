@@ -210,7 +210,7 @@ def _feature_net_in_background(spec: StudySpec, budget: Budget, store, device: s
     _, train_cfg = build_configs(spec.family, spec.base, budget.layer())
     if not train_cfg.final_eval:
         return None
-    return start_feature_net(store, pick_device(device))
+    return start_feature_net(store, pick_device(device), train_cfg.eval_feature_nets or None)
 
 
 def _enqueue_first(study: optuna.Study, budget: Budget, key: str, worker: str) -> None:

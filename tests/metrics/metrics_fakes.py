@@ -13,7 +13,8 @@ from torch import nn
 from mrigen.metrics import FeatureNetConfig
 
 SITES = ("Guys", "HH", "IOP")
-TINY_FEATURES = FeatureNetConfig(input_size=32, channels=(16, 32, 64), feature_dim=32, steps=40, batch_size=32)
+TINY_FEATURES = FeatureNetConfig(input_size=32, channels=(16, 32, 64), feature_dim=32, steps=40, batch_size=32,
+                                members=1)
 
 
 def phantom(subject: int, pos: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -20,6 +20,7 @@ from mrigen.metrics.pretext import DEGRADATIONS
     ("input_size", 0, "input_size"), ("input_size", 40, "input_size"), ("steps", 0, "steps"),
     ("batch_size", 0, "batch_size"), ("feature_dim", 0, "feature_dim"), ("lr", 0.0, "lr"),
     ("channels", (), "channels"), ("channels", (8, 0), "channels"), ("detector_weight", -0.5, "detector_weight"),
+    ("members", 0, "members"),
 ])
 def test_config_rejects_invalid_values(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=f"FeatureNetConfig.{match}"):
@@ -51,7 +52,7 @@ def test_cache_second_call_loads_without_training(tmp_path, monkeypatch: pytest.
     store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
     first = get_feature_net(store, config=TINY_FEATURES)
     path = cache_path(store)
-    assert path.name == f"feature_net-v3-{store.digest[:12]}.safetensors" and path.is_file()
+    assert path.name == f"feature_net-v4-{store.digest[:12]}-1nets.safetensors" and path.is_file()
     assert not list(tmp_path.glob("*.tmp"))                       # atomic write left no temporary file
 
     def no_training(*args, **kwargs):
@@ -162,12 +163,55 @@ def test_feature_net_trains_when_called_under_no_grad(store: SyntheticStore) -> 
     assert summary["loss"] == summary["loss"]    # finite, not NaN
 
 
-def test_default_config_reads_steps_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_config_reads_steps_and_members_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(features_mod.STEPS_ENV, "7")
-    assert features_mod.default_config() == FeatureNetConfig(steps=7)
+    monkeypatch.setenv(features_mod.MEMBERS_ENV, "2")
+    assert features_mod.default_config() == FeatureNetConfig(steps=7, members=2)
+    assert features_mod.default_config(members=5) == FeatureNetConfig(steps=7, members=5)     # the caller's count wins
     monkeypatch.setenv(features_mod.STEPS_ENV, "")
-    assert features_mod.default_config() == FeatureNetConfig()
-    for bad in ("many", "0", "-3"):
-        monkeypatch.setenv(features_mod.STEPS_ENV, bad)
-        with pytest.raises(ValueError, match=f"MRIGEN_FEATURE_NET_STEPS='{bad}'"):
-            features_mod.default_config()
+    monkeypatch.setenv(features_mod.MEMBERS_ENV, "")
+    assert features_mod.default_config() == FeatureNetConfig() and FeatureNetConfig().members == 3
+    for var in (features_mod.STEPS_ENV, features_mod.MEMBERS_ENV):
+        for bad in ("many", "0", "-3"):
+            monkeypatch.setenv(var, bad)
+            with pytest.raises(ValueError, match=f"{var}='{bad}' must be an integer >= 1"):
+                features_mod.default_config()
+        monkeypatch.setenv(var, "")
+
+
+def test_an_ensemble_is_its_members_each_trained_alone_with_its_own_seed(tmp_path) -> None:
+    """Member i of a K-network ensemble is bit for bit the single network of seed + 1000 i; features are the
+    members' features side by side over sqrt(K), so squared distances are the mean of the members'."""
+    store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
+    cfg = replace(TINY_FEATURES, steps=6, members=2, seed=3)
+    ensemble, summary = features_mod.train_feature_net(store, cfg, progress=False)
+    singles = [features_mod.train_feature_net(store, replace(cfg, members=1, seed=3 + 1000 * i), progress=False)[0]
+               for i in range(2)]
+    for i, single in enumerate(singles):
+        member, alone = ensemble.members[i].state_dict(), single.members[0].state_dict()
+        assert all(torch.equal(member[name], alone[name]) for name in alone), i
+    assert not torch.equal(ensemble.members[0].embed.weight, ensemble.members[1].embed.weight)
+    x = store.tensor("val")
+    feats = extract_features(ensemble, x)
+    assert feats.shape == (x.shape[0], ensemble.out_dim) == (x.shape[0], 2 * (cfg.feature_dim + len(DEGRADATIONS)))
+    assert torch.allclose(feats, torch.cat([extract_features(s, x) for s in singles], 1) / 2 ** 0.5, atol=1e-6)
+    a, b = feats[:1], feats[1:2]
+    per_member = [(extract_features(s, x[:1]) - extract_features(s, x[1:2])).pow(2).sum() for s in singles]
+    assert torch.allclose((a - b).pow(2).sum(), sum(per_member) / 2, atol=1e-6)
+    emb = ensemble.embedding(feats)                                   # what precision / recall use
+    assert emb.shape == (x.shape[0], 2 * cfg.feature_dim)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(x.shape[0]), atol=1e-5)
+    assert set(summary) == {"loss", "pos_mae", "site_acc", "degradation_acc"}
+
+
+def test_each_member_count_has_its_own_cache_file_and_a_mismatch_is_refused(tmp_path) -> None:
+    store = SyntheticStore(tmp_path, subjects={"train": 3, "val": 2})
+    two = get_feature_net(store, config=replace(TINY_FEATURES, steps=2, members=2))
+    assert cache_path(store, 2).is_file() and not cache_path(store, 1).exists()
+    assert len(get_feature_net(store, members=2).members) == 2                    # the cached file, any settings
+    assert len(get_feature_net(store, members=1).members) == 1 and cache_path(store, 1).is_file()
+    with pytest.raises(ValueError, match="has 2 member"):
+        get_feature_net(store, weights=cache_path(store, 2), members=3)
+    with pytest.raises(ValueError, match="contradicts"):
+        get_feature_net(store, config=TINY_FEATURES, members=2)
+    assert len(two.members) == 2

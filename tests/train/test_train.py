@@ -25,7 +25,8 @@ def configs(family="vae", epochs=2, **train_kw):
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("beta", -1.0),
                                          ("recon", "huber"), ("amp", "fp8"), ("free_bits", -0.1),
-                                         ("prior_steps", -1), ("spectral_weight", -0.5)])
+                                         ("prior_steps", -1), ("spectral_weight", -0.5),
+                                         ("eval_feature_nets", -1)])
 def test_invalid_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -194,6 +195,23 @@ def test_final_evaluation_reports_quality_metrics(demo_store):
     result = train(model_cfg, train_cfg, demo_store, progress=False)
     for key in ("ssim", "psnr", "fd", "fd_real", "precision", "recall", "diversity"):
         assert key in result.val_metrics
+
+
+def test_final_evaluation_averages_the_configured_number_of_feature_networks(demo_store, monkeypatch):
+    """`train.eval_feature_nets` reaches `evaluate` (0 = the default ensemble: None)."""
+    import mrigen.metrics
+
+    asked = []
+
+    def fake_evaluate(model, store, split, **kwargs):
+        asked.append(kwargs["feature_nets"])
+        return {"ssim": 0.5}
+
+    monkeypatch.setattr(mrigen.metrics, "evaluate", fake_evaluate)
+    for nets in (0, 2):
+        model_cfg, train_cfg = configs(epochs=1, final_eval=True, eval_feature_nets=nets)
+        assert train(model_cfg, train_cfg, demo_store, progress=False).val_metrics == {"ssim": 0.5}
+    assert asked == [None, 2]
 
 
 def test_cli_writes_metrics_model_grids_and_curves(demo_store, tmp_path):

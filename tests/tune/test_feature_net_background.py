@@ -109,8 +109,8 @@ def test_a_cpu_study_trains_the_network_beside_its_first_trial(tiny_study, fresh
 
     jobs = []
 
-    def start(store, device):
-        jobs.append(start_feature_net(store, device))
+    def start(store, device, members=None):
+        jobs.append(start_feature_net(store, device, members))
         return jobs[-1]
 
     start_feature_net = background.start_feature_net
@@ -123,3 +123,52 @@ def test_a_cpu_study_trains_the_network_beside_its_first_trial(tiny_study, fresh
     assert code == 0 and len(jobs) == 1
     assert jobs[0].cached and not jobs[0].running and not background._RUNNING
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("set_layer, members", [({}, None), ({"train.eval_feature_nets": 2}, 2)])
+def test_the_background_network_has_the_members_the_budget_evaluates_with(tiny_study, fresh_store, monkeypatch,
+                                                                         set_layer, members):
+    """A demo budget that evaluates with one network (`train.eval_feature_nets: 1`) trains one beside its first
+    trial, not the default three; 0 (unset) leaves the default to the child."""
+    import dataclasses
+
+    from mrigen.tune.runner import _feature_net_in_background
+    from mrigen.tune.study import load_study
+
+    spec = load_study(tiny_study)
+    budget = dataclasses.replace(spec.demo_budget, overrides=tuple(set_layer.items()))
+    asked = []
+    monkeypatch.setattr(background, "start_feature_net", lambda store, device, k=None: asked.append(k))
+    _feature_net_in_background(spec, budget, fresh_store, "cpu")
+    assert asked == [members]
+
+
+def test_the_shipped_demo_budgets_evaluate_with_one_feature_network() -> None:
+    """Three networks take ~3 min of one core to train on the 2-core CPU: the whole `make tune` budget."""
+    from mrigen.train.configs import build_configs
+    from mrigen.tune.study import list_studies, load_study
+
+    for name in list_studies():
+        spec = load_study(name)
+        _, train_cfg = build_configs(spec.family, spec.base, spec.demo_budget.layer())
+        assert train_cfg.eval_feature_nets == 1, name
+
+
+def test_the_train_command_trains_the_network_beside_the_model(fresh_store, two_threads, tmp_path, monkeypatch):
+    """`python -m mrigen.train` with a final evaluation on a CPU: the network comes from the background process."""
+    from mrigen.train.__main__ import main
+
+    jobs = []
+    start_feature_net = background.start_feature_net
+
+    def start(store, device, members=None):
+        jobs.append(start_feature_net(store, device, members))
+        return jobs[-1]
+
+    monkeypatch.setattr(background, "start_feature_net", start)
+    monkeypatch.setattr(features, "train_feature_net", _never_train)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(["--data", str(fresh_store.path), "--model", "vae", "--epochs", "1", "--out", str(tmp_path / "run"),
+                 "--set", "model.blocks=3", "--set", "train.batch_size=16", "--set", "train.eval_samples=40"])
+    assert code == 0 and len(jobs) == 1 and jobs[0].cached and not jobs[0].running
+    assert cache_path(fresh_store).is_file() and torch.get_num_threads() == 2
