@@ -204,7 +204,8 @@ def test_an_ensemble_is_its_members_each_trained_alone_with_its_own_seed(tmp_pat
     assert set(summary) == {"loss", "pos_mae", "site_acc", "degradation_acc"}
 
 
-def test_each_member_count_has_its_own_cache_file_and_a_mismatch_is_refused(tmp_path) -> None:
+def test_each_member_count_has_its_own_cache_file_and_a_mismatch_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(features_mod.STEPS_ENV, "2")          # the default-config network trained below: 2 steps
     store = SyntheticStore(tmp_path, subjects={"train": 3, "val": 2})
     two = get_feature_net(store, config=replace(TINY_FEATURES, steps=2, members=2))
     assert cache_path(store, 2).is_file() and not cache_path(store, 1).exists()
