@@ -135,6 +135,7 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
     feats_fake = extract_features(feature_net, fake, batch_size=batch_size)
     result = {"fd": frechet_distance(feats_fake, feats_ref), "fd_real": frechet_distance(feats_base, feats_ref)}
     result["fd_ratio"] = result["fd"] / max(result["fd_real"], 1e-12)
+    result["feature_nets"] = float(len(feature_net.members))       # what fd / precision / recall were measured with
     # Precision / recall use the embedding only: with the detector probabilities in, the k-NN ball of the odd
     # real slice the detector flags (say, as noisy) reaches across to that failure's corner and covers every
     # sample showing it (measured: noisy slices scored precision 0.98). FD has no such outlier balls.

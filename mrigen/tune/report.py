@@ -243,6 +243,13 @@ def verdict(metrics: dict[str, float], targets: tuple[tuple[str, str, float], ..
     return "met" if not misses else "NOT met: " + "; ".join(misses)
 
 
+def _nets(count: float | None) -> str:
+    """" (under N feature networks)" when the evaluation recorded how many it averaged (older runs did not)."""
+    if count is None:
+        return ""
+    return f" (under {count:g} feature network{'s' if count != 1 else ''})"
+
+
 def champion_report(name: str, tracking_uri: str, spec: StudySpec, demo: bool) -> str:
     """What the registry's champion measured (held-out recon SSIM/PSNR, fd_ratio, precision, recall, hf_ratio,
     memorised)
@@ -276,6 +283,6 @@ def champion_report(name: str, tracking_uri: str, spec: StudySpec, demo: bool) -
         f"champion: models:/{name}@champion = v{champ.version} ({origin}); ranked on "
         f"{tags.get(METRIC_TAG, '?')} = {float(tags.get(VALUE_TAG, 'nan')):.4f}",
         f"  held-out recon: SSIM {show('ssim')}, PSNR {show('psnr', '.1f')} dB | samples: fd_ratio "
-        f"{show('fd_ratio')}, precision {show('precision', '.2f')}, recall {show('recall', '.2f')}, "
+        f"{show('fd_ratio')}{_nets(find_metric(m, 'feature_nets'))}, precision {show('precision', '.2f')}, recall {show('recall', '.2f')}, "
         f"hf_ratio {show('hf_ratio', '.2f')} (real {show('hf_ratio_real', '.2f')}), memorised {show('memorised')}",
         f"  {label} ({wanted}): {verdict(m, targets)}"])

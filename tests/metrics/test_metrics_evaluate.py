@@ -14,7 +14,7 @@ from mrigen.metrics.features import train_halves
 
 ALL_KEYS = {"ssim", "psnr", "ms_ssim", "fd", "fd_real", "fd_ratio", "precision", "recall", "precision_real",
             "recall_real", "diversity", "diversity_real", "hf_ratio", "hf_ratio_real", "recon_hf_ratio", "memorised",
-            "nn_train_dist", "nn_train_dist_real"}
+            "nn_train_dist", "nn_train_dist_real", "feature_nets"}
 
 
 def test_identity_model_returns_every_key_finite(store: SyntheticStore, feature_net: FeatureNet) -> None:
@@ -30,6 +30,7 @@ def test_identity_model_returns_every_key_finite(store: SyntheticStore, feature_
         assert 0.0 <= out[key] <= 1.0
     assert out["fd"] >= 0 and out["fd_real"] > 0
     assert out["fd_ratio"] == pytest.approx(out["fd"] / out["fd_real"])
+    assert out["feature_nets"] == len(feature_net.members) == 1
     assert out["memorised"] == 0.0                  # held-out slices are no copies of training slices
 
 

@@ -55,7 +55,7 @@ def fake_eval(monkeypatch):
         def __call__(self, model, store, split="val", **kwargs):
             base = {"ssim": 0.5, "psnr": 20.0, "fd": 1.0, "fd_real": 0.5, "fd_ratio": 2.0, "precision": 0.6,
                     "recall": 0.5, "precision_real": 0.7, "recall_real": 0.7, "diversity": 0.3,
-                    "diversity_real": 0.3, "memorised": 0.0}
+                    "diversity_real": 0.3, "memorised": 0.0, "feature_nets": 1.0}
             out = {**base, **(self.results[self.calls] if self.calls < len(self.results) else {})}
             self.calls += 1
             return {k: v for k, v in out.items() if v is not None}

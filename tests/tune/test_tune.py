@@ -52,7 +52,7 @@ def test_three_trial_study_on_sqlite_then_generate(tiny_study, tune_store, tmp_p
     header = next(line for line in out.splitlines() if line.lstrip().startswith("trial"))
     assert header.split()[:9] == ["trial", "state", "val_ssim", "fd_ratio", "precision", "recall", "memorised",
                                   "rule", "seconds"]
-    assert "held-out recon: SSIM 0.500" in out and "fd_ratio 1.900" in out
+    assert "held-out recon: SSIM 0.500" in out and "fd_ratio 1.900 (under 1 feature network)," in out
     exp_id = MlflowClient(tracking).get_experiment_by_name("mrigen-tiny").experiment_id
     assert (f"mlflow ui --backend-store-uri {tracking}, then open "
             f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning") in out
