@@ -1,9 +1,11 @@
-"""Train a slice store's feature network in a child process, on one core, while the first trial trains.
+"""Train a slice store's feature network in a child process, on one core, while the first model trains.
 
-The feature network (mrigen.metrics.features) is trained once per store, when the first evaluation needs it: on the
-2-core CPU that is ~40 s of a 3-minute `make tune`. It gains little from a second core (300 of its steps: 12.5 s on
-one thread, 10.7 s on two) while a trial's training gains much more (the preview's VAE: 209 vs 340 img/s), so the
-two side by side, one core each, finish sooner than one after the other (bench/RESULTS.md, session 19).
+The feature network (mrigen.metrics.features: by default three networks, ~65 s each on one core at 64 px) is
+trained once per store, when the first evaluation needs it: with one network that was ~40 s of a 3-minute `make
+tune`. A network gains little from a second core (300 of its steps: 12.5 s on one thread, 10.7 s on two) while a
+model's training gains much more (the preview's VAE: 209 vs 340 img/s), so the two side by side, one core each,
+finish sooner than one after the other (bench/RESULTS.md, session 19). `mrigen.tune`, `python -m mrigen.train` and
+`bench/quality.py` start it on a CPU.
 
 `start_feature_net` starts the child (`python -m mrigen.metrics.background --store DIR --digest SHA --members K`)
 and gives this process's training the remaining threads; `poll` (each epoch of a tuning trial) gives them back once
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     """The child process: open the store, check it is the one the parent meant, train and cache its network."""
     parser = argparse.ArgumentParser(prog="python -m mrigen.metrics.background",
                                      description="Train and cache a slice store's feature network (started by "
-                                                 "mrigen.tune while its first trial trains).")
+                                                 "mrigen.tune, mrigen.train and bench/quality.py while the first "
+                                                 "model trains).")
     parser.add_argument("--store", required=True, help="slice store directory")
     parser.add_argument("--digest", required=True, help="the store digest the caller expects")
     parser.add_argument("--members", type=int, default=None,
