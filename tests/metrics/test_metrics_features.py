@@ -52,7 +52,7 @@ def test_cache_second_call_loads_without_training(tmp_path, monkeypatch: pytest.
     store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
     first = get_feature_net(store, config=TINY_FEATURES)
     path = cache_path(store)
-    assert path.name == f"feature_net-v4-{store.digest[:12]}-1nets.safetensors" and path.is_file()
+    assert path.name == f"feature_net-v5-{store.digest[:12]}-1nets.safetensors" and path.is_file()
     assert not list(tmp_path.glob("*.tmp"))                       # atomic write left no temporary file
 
     def no_training(*args, **kwargs):
@@ -138,6 +138,42 @@ def test_feature_net_trains_on_one_half_of_the_train_subjects(tmp_path, monkeypa
     net_rows, base_rows = train_halves(rows)
     assert seen == [{rows[i]["subject"] for i in net_rows.tolist()}]
     assert not seen[0] & {rows[i]["subject"] for i in base_rows.tolist()}
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_training_slices_are_mirrored_half_the_time_with_their_masks(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                                     mirror: bool) -> None:
+    """With `mirror`, about half the slices a member sees are store slices flipped left-right (never anything else),
+    and each comes with the head masks of what it shows; without it, every slice is a store slice as stored."""
+    from mrigen.metrics.pretext import head_masks
+
+    store = SyntheticStore(tmp_path, subjects={"train": 4, "val": 2})
+    stored = features_mod.resize_square(store.tensor("train"), TINY_FEATURES.input_size)
+    shown: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
+    real_degrade = features_mod.degrade
+
+    def spy(x, gen, masks=None):
+        shown.append((x.clone(), tuple(m.clone() for m in masks)))
+        return real_degrade(x, gen, masks)
+
+    monkeypatch.setattr(features_mod, "degrade", spy)
+    features_mod.train_feature_net(store, replace(TINY_FEATURES, steps=8, mirror=mirror))
+    as_stored = flipped = 0
+    for x, masks in shown:
+        for got, want in zip(masks, head_masks(x)):
+            assert torch.equal(got, want)
+        for img in x:
+            same = bool((stored == img).flatten(1).all(1).any())
+            mirrored = bool((stored.flip(-1) == img).flatten(1).all(1).any())
+            assert same or mirrored, "a training slice is neither a stored slice nor its mirror image"
+            as_stored += same
+            flipped += mirrored and not same
+    total = sum(len(x) for x, _ in shown)
+    assert total == 8 * TINY_FEATURES.batch_size
+    if mirror:
+        assert 0.35 < flipped / total < 0.65
+    else:
+        assert flipped == 0
 
 
 def test_unwritable_cache_warns_and_still_returns_a_net(tmp_path, monkeypatch: pytest.MonkeyPatch,

@@ -24,6 +24,14 @@ def test_masks_nest_and_the_rim_is_a_band(store: SyntheticStore) -> None:
         degrade(torch.rand(2, 32, 32), torch.Generator())
 
 
+def test_masks_of_a_mirrored_slice_are_its_masks_mirrored(store: SyntheticStore) -> None:
+    """The feature network mirrors training slices and their precomputed masks instead of recomputing them."""
+    x = torch.cat([_ringed(store), store.tensor("train")])
+    x = x * torch.linspace(0.6, 1.0, x.shape[-1])                    # left and right halves differ
+    for mirrored, mask in zip(head_masks(x.flip(-1)), head_masks(x)):
+        assert torch.equal(mirrored, mask.flip(-1))
+
+
 def test_degrade_draws_every_kind_is_seeded_and_stays_in_range(store: SyntheticStore) -> None:
     x = _ringed(store)
     out, kind = degrade(x, torch.Generator().manual_seed(0))
