@@ -83,21 +83,21 @@ def _ids(labels: Sequence[object]) -> torch.Tensor:
     return torch.tensor([lookup.setdefault(label, len(lookup)) for label in labels], dtype=torch.int64)
 
 
-def _subject_groups(subjects: list[str], k: int, split: str) -> list[str] | None:
+def _subject_groups(subjects: list[str], k: int, split: str, what: str = "precision") -> list[str] | None:
     """The subjects as k-NN groups, or None (plain k-NN, logged) when too few slices lie outside one subject."""
     largest = max(subjects.count(s) for s in set(subjects))
     if len(subjects) - largest >= k:
         return subjects
-    log.warning("split %r has %d subject(s): precision uses plain k-NN balls, which adjacent slices of one brain "
-                "shrink (precision_real will be low)", split, len(set(subjects)))
+    log.warning("split %r has %d subject(s): %s uses plain k-NN balls, which adjacent slices of one brain "
+                "shrink (%s_real will be low)", split, len(set(subjects)), what, what)
     return None
 
 
 @torch.no_grad()
 def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.Tensor, train: torch.Tensor, *,
                    feature_net: FeatureNet, reference_groups: Sequence[object] | None = None,
-                   train_groups: Sequence[object] | None = None, seed: int = 0, batch_size: int = 256,
-                   k: int = PR_K) -> dict[str, float]:
+                   baseline_groups: Sequence[object] | None = None, train_groups: Sequence[object] | None = None,
+                   seed: int = 0, batch_size: int = 256, k: int = PR_K) -> dict[str, float]:
     """Sample-quality keys of `fake`, each beside the same number for a real `baseline` set.
 
     Both sets are compared with the same code against the same `reference` (held-out real slices):
@@ -115,6 +115,8 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
         feature_net: feature network, on the images' device.
         reference_groups: the subject of each reference slice; the reference's k-NN balls then reach the k-th
             nearest slice of another subject (see `precision_recall`). None = plain k-NN.
+        baseline_groups: the same for the baseline's balls (`recall_real`): the baseline is grouped real slices
+            too, where a generator's samples are independent (docs/METRICS.md). None = plain k-NN.
         train_groups: the subject of each training slice, for the leave-one-subject-out part of the
             memorisation threshold (see `memorisation`). None = held-out distances only.
         seed: seeds the diversity pairs and the memorisation queries.
@@ -141,7 +143,8 @@ def sample_metrics(fake: torch.Tensor, reference: torch.Tensor, baseline: torch.
     # sample showing it (measured: noisy slices scored precision 0.98). FD has no such outlier balls.
     ref, base, fake_emb = (feature_net.embedding(f) for f in (feats_ref, feats_base, feats_fake))
     result["precision"], result["recall"] = precision_recall(ref, fake_emb, k=k, real_groups=reference_groups)
-    result["precision_real"], result["recall_real"] = precision_recall(ref, base, k=k, real_groups=reference_groups)
+    result["precision_real"], result["recall_real"] = precision_recall(ref, base, k=k, real_groups=reference_groups,
+                                                                       fake_groups=baseline_groups)
     pairs = pair_indices(min(fake.shape[0], baseline.shape[0]), DIVERSITY_PAIRS,
                          torch.Generator().manual_seed(seed + 1))
     result["diversity"] = diversity(fake, pairs, batch_size=batch_size)
@@ -242,6 +245,9 @@ def evaluate(model: torch.nn.Module, store: _Store, split: str = "val", *, n_sam
     feature_net = feature_net.to(device)
     result.update(sample_metrics(fake, real, baseline, train, feature_net=feature_net,
                                  reference_groups=_subject_groups(subjects, PR_K, split),
+                                 baseline_groups=_subject_groups(
+                                     [str(train_slices[i].get("subject", i)) for i in pick.tolist()], PR_K,
+                                     BASELINE_SPLIT, "recall"),
                                  train_groups=[str(row.get("subject", "")) for row in train_slices],
                                  seed=seed, batch_size=batch_size))
     if getattr(getattr(model, "config", None), "conditions", ()):

@@ -88,23 +88,23 @@ def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk:
     return torch.cat(hits)
 
 
-def _group_ids(groups: Sequence[object] | torch.Tensor, n: int, k: int) -> torch.Tensor:
+def _group_ids(groups: Sequence[object] | torch.Tensor, n: int, k: int, name: str = "real") -> torch.Tensor:
     """Group labels as `(n,)` int64 ids; ValueError unless every row has >= k rows outside its group."""
     if len(groups) != n:
-        raise ValueError(f"real_groups has {len(groups)} labels for {n} real rows")
+        raise ValueError(f"{name}_groups has {len(groups)} labels for {n} {name} rows")
     labels = groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
     lookup = {g: i for i, g in enumerate(dict.fromkeys(labels))}
     ids = torch.tensor([lookup[g] for g in labels], dtype=torch.int64)
     largest = int(torch.bincount(ids).max())
     if n - largest < k:
-        raise ValueError(f"real_groups: the largest group has {largest} of {n} rows, leaving fewer than k={k} "
+        raise ValueError(f"{name}_groups: the largest group has {largest} of {n} rows, leaving fewer than k={k} "
                          "rows of other groups as neighbours")
     return ids
 
 
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, *, k: int = PR_K,
-                     chunk: int = 1024, real_groups: Sequence[object] | torch.Tensor | None = None
-                     ) -> tuple[float, float]:
+                     chunk: int = 1024, real_groups: Sequence[object] | torch.Tensor | None = None,
+                     fake_groups: Sequence[object] | torch.Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds.
 
     Precision: share of `fake` inside the real manifold (the union of balls around each real feature reaching
@@ -119,6 +119,8 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
         real_groups: optional `N` labels (e.g. the subject of each real slice); a real ball then reaches the
             k-th nearest real row of ANOTHER group. Adjacent slices of one brain are near-duplicates: without
             this the balls shrink to the slice spacing and no other brain (nor any sample) falls inside.
+        fake_groups: the same for `fake`'s balls (recall), when `fake` is itself grouped real slices (the real
+            baseline of `evaluate`); a generator's samples are independent and keep plain balls.
 
     Returns:
         (precision, recall) in [0, 1]; (1, 1) for identical sets, (0, 0) for far-apart sets.
@@ -130,8 +132,9 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"feature widths differ: real has {r.shape[1]}, fake has {f.shape[1]}")
     groups = None if real_groups is None else _group_ids(real_groups, r.shape[0], k)
+    groups_f = None if fake_groups is None else _group_ids(fake_groups, f.shape[0], k, "fake")
     precision = _covered(f, r, _knn_radius(r, k, chunk, groups), chunk).double().mean()
-    recall = _covered(r, f, _knn_radius(f, k, chunk), chunk).double().mean()
+    recall = _covered(r, f, _knn_radius(f, k, chunk, groups_f), chunk).double().mean()
     return float(precision), float(recall)
 
 

@@ -42,7 +42,7 @@ def test_default_sample_count_and_baseline_from_unseen_train_subjects(
     real_sample_metrics = evaluate_mod.sample_metrics
 
     def spy(fake, reference, baseline, train, **kwargs):
-        seen.update(fake=fake, reference=reference, baseline=baseline, train=train)
+        seen.update(fake=fake, reference=reference, baseline=baseline, train=train, **kwargs)
         return real_sample_metrics(fake, reference, baseline, train, **kwargs)
 
     monkeypatch.setattr(evaluate_mod, "sample_metrics", spy)
@@ -53,6 +53,10 @@ def test_default_sample_count_and_baseline_from_unseen_train_subjects(
     _, baseline_rows = train_halves(store.slices("train"))
     assert seen["baseline"].shape[0] == len(baseline_rows) < EVAL_SAMPLES   # all of a small baseline half
     assert torch.allclose(seen["baseline"].sum(0), train[baseline_rows].sum(0), atol=1e-4)   # same slices
+    # both real sets are grouped by subject for their k-NN balls (the reference's and the baseline's)
+    assert seen["reference_groups"] == [row["subject"] for row in store.slices("val")]
+    rows = store.slices("train")
+    assert sorted(seen["baseline_groups"]) == sorted(rows[i]["subject"] for i in baseline_rows.tolist())
 
 def test_evaluate_is_deterministic_for_a_seed(store: SyntheticStore, feature_net: FeatureNet) -> None:
     model = MemoryModel(store.tensor("train"), noise=0.05)

@@ -81,6 +81,20 @@ def test_precision_groups_reach_across_near_duplicate_slices() -> None:
         precision_recall(real, fake, k=5, real_groups=[0] * 158 + [1, 1])
 
 
+def test_fake_groups_widen_the_recall_balls_as_real_groups_widen_the_precision_balls() -> None:
+    """A grouped set on the `fake` side (the real baseline) gets the same balls as on the `real` side: swapping
+    the two sets swaps precision and recall exactly."""
+    rng = np.random.default_rng(1)
+    clustered = np.repeat(rng.normal(0.0, 1.0, (8, 4)), 20, axis=0) + rng.normal(0.0, 0.01, (160, 4))
+    groups = np.repeat(np.arange(8), 20).tolist()
+    other = rng.normal(0.0, 1.0, (100, 4))
+    precision, recall = precision_recall(clustered, other, k=5, real_groups=groups)
+    assert precision_recall(other, clustered, k=5, fake_groups=groups) == (recall, precision)
+    assert precision_recall(other, clustered, k=5)[1] < precision       # plain balls stay inside one cluster
+    with pytest.raises(ValueError, match="fake_groups has 10 labels for 160 fake rows"):
+        precision_recall(other, clustered, k=5, fake_groups=groups[:10])
+
+
 @pytest.mark.parametrize(("size", "metric"), [(16, "ssim"), (32, "ms_ssim")])
 def test_diversity_of_identical_images_is_one_and_lower_when_varied(size: int, metric: str) -> None:
     assert diversity_metric(size) == metric
