@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 # CPU build pin for CI and laptops; a GPU box can pass TORCH_SPEC='torch>=2.4' to keep its CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STUDY  ?= vae-kernels
+# pytest workers for `make test`: two keep both cores busy (one process leaves one mostly idle; CI: 14 min
+# against 19); 0 = a plain one-process run. Each worker takes whole files, the long ones first (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: install chromium test tune clean
 
@@ -33,7 +36,7 @@ chromium:
 	else echo "note: no chromium and not root with apt-get: the browser test (tests/ui) will be skipped"; fi
 
 test: install chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 tune: install
 	$(BIN)/python -m mrigen.tune --study $(STUDY)

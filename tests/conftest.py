@@ -33,10 +33,16 @@ _CLIENT_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_T
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests using `stack` as `servers`; skip `gpu` tests without CUDA."""
+    """Mark tests using `stack` as `servers`; run the long files first; skip `gpu` tests without CUDA."""
     for item in items:
         if "stack" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.servers)
+    # `make test` runs two xdist workers that take whole files in collection order (`--dist loadfile
+    # --no-loadscope-reorder`): the files with long end-to-end tests go first, so that the run does not end with
+    # one worker alone on one of them.
+    long_files = {item.path for item in items
+                  if item.get_closest_marker("slow") or item.get_closest_marker("reliability")}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: the order within each group is kept
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

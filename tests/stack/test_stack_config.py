@@ -200,8 +200,8 @@ def test_cli_help() -> None:
 class _FakeItem:
     """Just enough of a pytest item for the collection hook."""
 
-    def __init__(self, fixturenames: tuple[str, ...], markers: tuple[str, ...]) -> None:
-        self.fixturenames = fixturenames
+    def __init__(self, fixturenames: tuple[str, ...], markers: tuple[str, ...], path: str = "test_a.py") -> None:
+        self.fixturenames, self.path = fixturenames, Path(path)
         self.markers = [getattr(pytest.mark, m) for m in markers]
 
     def get_closest_marker(self, name: str):
@@ -227,3 +227,15 @@ def test_collection_hook_marks_servers_and_skips_gpu_without_cuda(
     assert uses_stack.get_closest_marker("servers") is not None
     assert gpu.get_closest_marker("skip") is not None
     assert plain.get_closest_marker("skip") is None and plain.get_closest_marker("servers") is None
+
+
+def test_collection_hook_puts_files_with_long_tests_first_and_keeps_files_whole(request: pytest.FixtureRequest) -> None:
+    conftest = Path(__file__).resolve().parents[1] / "conftest.py"
+    plugin = next(p for p in request.config.pluginmanager.get_plugins()
+                  if getattr(p, "__file__", None) and Path(p.__file__).resolve() == conftest)  # fmt: skip
+    a1, a2 = _FakeItem((), (), "test_a.py"), _FakeItem((), (), "test_a.py")
+    b1, b2 = _FakeItem((), (), "test_b.py"), _FakeItem((), ("slow",), "test_b.py")
+    c1, d1 = _FakeItem((), ("reliability",), "test_c.py"), _FakeItem((), (), "test_d.py")
+    items = [a1, b1, a2, b2, c1, d1]
+    plugin.pytest_collection_modifyitems(None, items)
+    assert items == [b1, b2, c1, a1, a2, d1]  # a file with one slow test moves whole; the rest keep their order
