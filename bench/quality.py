@@ -43,11 +43,12 @@ SWEEPS = {"cpu": (), "gpu": (1.0, 1.5, 2.5, 3.0)}
 SWEEP_KEYS = ("fd_ratio", "precision", "recall", "diversity", "hf_ratio", "memorised")
 # Budget per (mode, family), layered over the recipe in the config file (which holds the GPU budget). The CPU
 # VQ-VAE prior is smaller: over a 16x16 grid the 128-wide prior costs ~2 s a step on one core. The VAE's flow prior
-# trains 2,500 steps, not 4,000 (fd_ratio 1.48 vs 1.32, 2.5 min less: the whole run stays within 15 min).
+# trains 2,500 steps, not 4,000 (fd_ratio 1.48 vs 1.32, 2.5 min less: the whole run stays within 15 min), under
+# bf16 autocast (the VAE 355 s instead of 472-480 s, fd_ratio 1.17 vs 1.13; bench/RESULTS.md, session 22).
 BUDGETS = {
     ("cpu", "vqvae"): {"model": {"prior_channels": 64, "prior_layers": 3},
                        "train": {"epochs": 8, "prior_steps": 1000, "prior_batch_size": 32, "early_stop_patience": 0}},
-    ("cpu", "vae"): {"train": {"epochs": 8, "prior_steps": 2500, "early_stop_patience": 0}},
+    ("cpu", "vae"): {"train": {"epochs": 8, "prior_steps": 2500, "early_stop_patience": 0, "prior_amp": "bf16"}},
     ("gpu", "vqvae"): {},
     ("gpu", "vae"): {},
 }

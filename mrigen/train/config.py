@@ -10,6 +10,7 @@ __all__ = ["TrainConfig"]
 
 _RECON = ("mse", "l1")
 _AMP = ("auto", "bf16", "off")
+_PRIOR_AMP = ("off", "bf16")
 _SIGMA = ("fixed", "optimal", "learned")
 _ADV = ("hinge", "lsgan")
 _AUGMENT = ("none", "flip", "flip_shift")
@@ -55,6 +56,9 @@ class TrainConfig:
                                      # steps of the prior after the autoencoder
     prior_lr: float = 1e-3           # those priors' learning rate (cosine decay to 10% over prior_steps)
     prior_batch_size: int = 64       # those priors: code grids / latents per step
+    prior_amp: str = "off"           # those priors' training steps: "off" (fp32) or "bf16" autocast. On this 2-core
+                                     # CPU (avx512_bf16) the flow's steps run 1.45x as fast, the code prior's slower
+                                     # (bench/RESULTS.md, session 22)
     prior_keep_best: bool = True     # those priors: keep the weights of the report (every twentieth of the steps)
                                      # with the lowest held-out loss when the last one ends more than 1% above it (a
                                      # prior fitting its training grids, not their distribution); the flow keeps
@@ -105,7 +109,7 @@ class TrainConfig:
         if self.amp not in _AMP:
             raise ValueError(f"TrainConfig.amp={self.amp!r} is not one of {_AMP}")
         for name, allowed in (("sigma", _SIGMA), ("adv_loss", _ADV), ("augment", _AUGMENT),
-                              ("flow_time", FLOW_TIMES)):
+                              ("flow_time", FLOW_TIMES), ("prior_amp", _PRIOR_AMP)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
 

@@ -85,6 +85,12 @@ def _mean_nll(prior: torch.nn.Module, codes: torch.Tensor, batch: int, attrs: to
     return total / len(codes)
 
 
+def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """The autocast of a prior's training step: bf16 with `cfg.prior_amp == "bf16"`, else none (fp32). The weights,
+    the optimiser, the held-out loss and sampling stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.prior_amp == "bf16")
+
+
 def _cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate on a cosine from the optimiser's to 10% of it over `steps`."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -137,7 +143,8 @@ def train_prior(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainConfig,
         idx = torch.randint(0, len(codes), (batch,), device=device, generator=gen)
         attrs = None if train_attrs is None else drop_conditions(train_attrs[idx], cfg.condition_dropout, gen,
                                                                  cfg.condition_dropout_all)
-        loss = prior.loss(codes[idx], attrs)
+        with _autocast(cfg, device):
+            loss = prior.loss(codes[idx], attrs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -234,6 +241,9 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
     val_post = (encode_posteriors(model, val_from, cfg.eval_batch_size)
                 if val_from is not None and len(val_from) else None)
     flow.set_standardisation(mu, logvar)
+    # The autoencoder trains channels_last, and its flow's weights came along; the flow's small convolutions are as
+    # fast contiguous in fp32 and only contiguous gain from bf16 (70 vs 105 ms a step at 64 px on 2 cores).
+    flow.to(memory_format=torch.contiguous_format)
     optimizer = torch.optim.Adam(flow.net.parameters(), lr=cfg.prior_lr)
     schedule = _cosine(optimizer, cfg.prior_steps)
     ema = [p.detach().clone() for p in flow.net.parameters()]
@@ -253,7 +263,8 @@ def train_latent_flow(model: torch.nn.Module, train_x: torch.Tensor, cfg: TrainC
         idx = torch.randint(0, len(mu), (batch,), device=device, generator=gen)
         attrs = None if train_attrs is None else drop_conditions(train_attrs[idx], cfg.condition_dropout, gen,
                                                                  cfg.condition_dropout_all)
-        loss = flow.loss(mu[idx], logvar[idx], gen, attrs, time=cfg.flow_time)
+        with _autocast(cfg, device):
+            loss = flow.loss(mu[idx], logvar[idx], gen, attrs, time=cfg.flow_time)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -151,3 +151,40 @@ def test_a_flow_keeps_its_best_ema_weights_but_none_from_before_its_guide(monkey
         assert torch.equal(p, q)
     assert any(not torch.equal(p, q) for p, q in zip(kept_model.latent_prior.net.parameters(),
                                                      last_model.latent_prior.net.parameters()))
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_prior_amp_runs_both_priors_training_steps_in_bf16_and_nothing_else(amp):
+    """`prior_amp="bf16"`: the training steps of the flow and of the code prior run under bf16 autocast (their
+    layers output bf16); their weights, the held-out loss and what they learn stay as in fp32. The flow trains
+    with contiguous weights even when the autoencoder's channels_last training converted them."""
+    expected = torch.bfloat16 if amp == "bf16" else torch.float32
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def spy(module, inputs, output):
+        seen.append((torch.is_grad_enabled(), output.dtype))   # grad on: a training step; off: the held-out loss
+
+    torch.manual_seed(0)
+    flow_model = _Posteriors()
+    flow_model.latent_prior.to(memory_format=torch.channels_last)     # as the autoencoder's training leaves it
+    flow_model.latent_prior.net.inp.register_forward_hook(spy)
+    cfg = TrainConfig(prior_steps=100, prior_batch_size=32, prior_lr=3e-3, eval_batch_size=64, seed=0,
+                      flow_guide_at=0.3, prior_amp=amp)
+    flow_result = train_latent_flow(flow_model, _latents(256, 0), cfg, val_from=_latents(64, 1), progress=False)
+    torch.manual_seed(0)
+    code_model = _Codes()
+    code_model.prior.head.register_forward_hook(spy)
+    cfg = TrainConfig(prior_steps=100, prior_batch_size=4, prior_lr=3e-3, eval_batch_size=64, seed=0, prior_amp=amp)
+    code_result = train_prior(code_model, _grids(4, 0), cfg, val_codes_from=_grids(64, 1), progress=False)
+    assert {dtype for grad, dtype in seen if grad} == {expected}
+    assert {dtype for grad, dtype in seen if not grad} == {torch.float32}
+    for model in (flow_model.latent_prior, code_model.prior):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.is_contiguous() for p in flow_model.latent_prior.parameters())  # bf16 is only fast contiguous
+    assert flow_result.val_curve[-1] < flow_result.val_curve[0]            # the flow learns in either precision
+    assert code_result.train_nll[-1] < 0.5 * code_result.train_nll[0]      # the code prior learns its 4 grids
+
+
+def test_prior_amp_refuses_a_precision_it_does_not_have():
+    with pytest.raises(ValueError, match=r"TrainConfig.prior_amp='fp16' is not one of \('off', 'bf16'\)"):
+        TrainConfig(prior_amp="fp16")
