@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,54 @@ os.environ.setdefault("MRIGEN_FEATURE_NET_MEMBERS", "1")   # one network: the en
 _CLIENT_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                     "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                     "MLFLOW_TRACKING_TOKEN", "MLFLOW_REGISTRY_URI")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `make test`'s xdist workers, SIGTERM to the pytest process that runs them goes on to the workers, which
+    stop their servers (the `stack` fixture turns SIGTERM into KeyboardInterrupt), and is then a KeyboardInterrupt
+    of its own: as in one process, a CI runner's SIGTERM leaves no server running."""
+    if (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGTERM, _stop_workers_then_interrupt)
+
+
+def _stop_workers_then_interrupt(signum: int, frame) -> None:
+    import psutil
+
+    stop_processes(psutil.Process().children(), signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_processes(processes: list, signum: int = signal.SIGTERM, timeout_s: float = 120.0) -> list:
+    """Send `signum` to each `psutil.Process` and wait up to `timeout_s` for the processes they started (the
+    servers a worker's teardown stops) to exit; returns those still alive. The workers themselves are not waited
+    for: after their teardown they wait for the xdist controller, which shuts them down once this returns."""
+    import psutil
+
+    started = []
+    for proc in processes:
+        try:
+            started += proc.children(recursive=True)
+            proc.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass  # already gone: nothing to stop
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = [p for p in started if _running(p)]
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
+
+
+def _running(proc) -> bool:
+    """Whether a `psutil.Process` still runs: an exited child that its parent has not reaped yet (a zombie) does
+    not (psutil's own wait would wait for the reaping)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

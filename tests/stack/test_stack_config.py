@@ -239,3 +239,69 @@ def test_collection_hook_puts_files_with_long_tests_first_and_keeps_files_whole(
     items = [a1, b1, a2, b2, c1, d1]
     plugin.pytest_collection_modifyitems(None, items)
     assert items == [b1, b2, c1, a1, a2, d1]  # a file with one slow test moves whole; the rest keep their order
+
+
+def _conftest_plugin(request: pytest.FixtureRequest):
+    conftest = Path(__file__).resolve().parents[1] / "conftest.py"
+    return next(p for p in request.config.pluginmanager.get_plugins()
+                if getattr(p, "__file__", None) and Path(p.__file__).resolve() == conftest)  # fmt: skip
+
+
+def test_only_the_xdist_controller_passes_sigterm_on_to_its_workers(request: pytest.FixtureRequest) -> None:
+    import types
+
+    plugin = _conftest_plugin(request)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for numprocesses, worker, installed in ((2, False, True), (2, True, False), (0, False, False)):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=numprocesses))
+            if worker:
+                config.workerinput = {}
+            plugin.pytest_configure(config)
+            handler = signal.getsignal(signal.SIGTERM)
+            assert (handler is plugin._stop_workers_then_interrupt) is installed, (numprocesses, worker)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_stop_processes_waits_for_what_each_process_started_and_names_what_still_runs(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two "workers", each with a "server" child: one stops its server on SIGTERM (after 0.5 s) and leaves an exited
+    child unreaped, the other ignores SIGTERM. stop_processes returns once the first server is gone, naming the
+    second one's server as running (not the zombie)."""
+    import psutil
+
+    done = tmp_path / "torn-down"
+    server = "import time; time.sleep(60)"
+    tears_down = ("import signal, subprocess, sys, time\n"
+                  f"server = subprocess.Popen([sys.executable, '-c', {server!r}])\n"
+                  "exited = subprocess.Popen([sys.executable, '-c', 'pass'])\n"      # never reaped: a zombie
+                  "time.sleep(0.5)\n"
+                  "def stop(*_):\n"
+                  "    time.sleep(0.5); server.terminate(); server.wait(); open(sys.argv[1], 'w').write('done')\n"
+                  "signal.signal(signal.SIGTERM, stop); print('ready', flush=True)\n"
+                  "while True: time.sleep(0.1)\n")
+    stubborn = ("import signal, subprocess, sys, time\n"
+                f"server = subprocess.Popen([sys.executable, '-c', {server!r}])\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True)\n"
+                "time.sleep(60)\n")
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(done)], stdout=subprocess.PIPE, text=True)
+               for code in (tears_down, stubborn)]
+    servers: list[psutil.Process] = []
+    try:
+        for worker in workers:
+            assert worker.stdout.readline().strip() == "ready"
+        servers = [psutil.Process(w.pid).children()[0] for w in workers]     # each one's first child
+        still = _conftest_plugin(request).stop_processes([psutil.Process(w.pid) for w in workers], timeout_s=3)
+        assert [p.pid for p in still] == [servers[1].pid]        # the stubborn worker's server
+        assert done.read_text() == "done" and not servers[0].is_running()
+        assert workers[0].poll() is None                          # the worker itself is left to xdist
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.wait()
+        for proc in servers:
+            if proc.is_running():
+                proc.kill()
