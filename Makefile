@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 # CPU build pin for CI and laptops; a GPU box can pass TORCH_SPEC='torch>=2.4' to keep its CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STUDY  ?= vae-kernels
-# pytest workers for `make test`: two keep both cores busy (one process leaves one mostly idle; CI: 14 min
-# against 19); 0 = a plain one-process run. Each worker takes whole files, the long ones first (tests/conftest.py).
+# pytest workers for `make test`: two keep both cores busy (one process leaves one mostly idle; CI's pytest:
+# 14-16 min against 18-19); 0 = a plain one-process run. Each worker takes whole files, the long ones first
+# (tests/conftest.py).
 TEST_WORKERS ?= 2
 
 .PHONY: install chromium test tune clean
