@@ -1,6 +1,11 @@
 """Encoder / decoder trunks shared by the VAE and the VQ-VAE (the thesis CNN family).
 
-Encoder: `blocks` x [Conv2d(k, stride 2) -> norm -> LeakyReLU -> `res_blocks` x ResBlock], each halving H and W.
+Encoder: `blocks` x [Conv2d(k, stride 2) -> norm -> LeakyReLU -> `res_blocks` x ResBlock], each halving H and W;
+with `ModelConfig.plain_stem` (GroupNorm models by default) the first conv has a bias and no norm. GroupNorm
+normalises each slice's own features, so after a bias-free conv it divides out any global scaling of the input: a
+GroupNorm encoder that starts conv -> norm is exactly blind to a slice's intensity level, and its decoder paints
+every slice at the cohort's average level (held-out per-slice mean intensity, real vs reconstruction: correlation
+0.40 on the demo cohort; bench/RESULTS.md, session 23). BatchNorm normalises over the batch and keeps it.
 Decoder: the mirror image (`res_blocks` x ResBlock -> ConvTranspose2d -> norm -> LeakyReLU), ending in a 1-channel
 transposed conv and a sigmoid. `res_blocks=0` is the thesis CNN.
 Padding is chosen so every kernel size in (3, 4, 5) halves / doubles exactly.
@@ -59,12 +64,15 @@ class Encoder(nn.Sequential):
         pad, _ = _padding(cfg.kernel_size)
         layers: list[nn.Module] = []
         c_in = 1
-        for c_out in cfg.scaled_channels:
-            layers += [
-                nn.Conv2d(c_in, c_out, cfg.kernel_size, stride=2, padding=pad, bias=False),
-                make_norm(cfg.norm, c_out),
-                nn.LeakyReLU(LEAKY_SLOPE),
-            ]
+        for i, c_out in enumerate(cfg.scaled_channels):
+            if i == 0 and cfg.plain_stem:      # a bias and no norm: the first features keep the slice's intensity
+                layers += [nn.Conv2d(c_in, c_out, cfg.kernel_size, stride=2, padding=pad), nn.LeakyReLU(LEAKY_SLOPE)]
+            else:
+                layers += [
+                    nn.Conv2d(c_in, c_out, cfg.kernel_size, stride=2, padding=pad, bias=False),
+                    make_norm(cfg.norm, c_out),
+                    nn.LeakyReLU(LEAKY_SLOPE),
+                ]
             layers += [ResBlock(c_out, cfg.norm) for _ in range(cfg.res_blocks)]
             c_in = c_out
         super().__init__(*layers)

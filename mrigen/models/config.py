@@ -12,11 +12,13 @@ from typing import Any, Mapping
 from mrigen.config import config_from_dict
 from mrigen.models.condition import check_names
 
-__all__ = ["FAMILIES", "KERNEL_SIZES", "LATENTS", "LATENT_PRIORS", "MAX_FITTED_LATENT", "NORMS", "ModelConfig"]
+__all__ = ["ENCODER_STEMS", "FAMILIES", "KERNEL_SIZES", "LATENTS", "LATENT_PRIORS", "MAX_FITTED_LATENT", "NORMS",
+           "ModelConfig"]
 
 FAMILIES = ("vae", "vqvae")
 KERNEL_SIZES = (3, 4, 5)
 NORMS = ("batch", "group")
+ENCODER_STEMS = ("auto", "norm", "plain")
 LATENTS = ("dense", "spatial")
 LATENT_PRIORS = ("normal", "fitted", "flow")
 # Largest VAE latent (entries) for latent_prior="fitted": its D x D covariance is built and Cholesky-factorised in
@@ -37,6 +39,10 @@ class ModelConfig:
     width: float = 1.0  # multiplier on every entry of `channels` (rounded, at least 1)
     kernel_size: int = 4  # conv / transposed-conv kernel: 3, 4 or 5 (stride 2, padding keeps exact halving)
     norm: str = "batch"  # "batch" (BatchNorm2d, the thesis) | "group" (GroupNorm, batch-size independent)
+    encoder_stem: str = "auto"  # the encoder's first conv: "norm" = conv -> norm -> act (the thesis) | "plain" = conv
+    #                             with a bias -> act, no norm | "auto" = "plain" with norm="group", else "norm".
+    #                             GroupNorm straight after a bias-free conv divides out any global scaling of the
+    #                             slice: the encoder could not see a slice's intensity level (models/blocks.py)
     res_blocks: int = 0  # residual blocks (norm-act-conv3x3 twice, plus skip) after each resolution change; 0 = thesis
     latent: str = "dense"  # "dense" vector (B, latent_dim) | "spatial" map (B, latent_dim, h, w); VQ-VAE: "spatial"
     latent_dim: int = 1024  # VAE only: dense latent size, or channels of the spatial latent map
@@ -66,6 +72,11 @@ class ModelConfig:
     #                                   VAE: FiLM in encoder and decoder, or with latent_prior="flow" the flow alone;
     #                                   VQ-VAE: the code prior alone
     condition_dim: int = 64  # VAE: width of the condition embedding fed to FiLM (VQ-VAE prior: prior_channels)
+
+    @property
+    def plain_stem(self) -> bool:
+        """Whether the encoder's first conv has a bias and no norm after it (`encoder_stem`, "auto" resolved)."""
+        return self.encoder_stem == "plain" or (self.encoder_stem == "auto" and self.norm == "group")
 
     @property
     def autoencoder_conditioned(self) -> bool:
@@ -102,6 +113,7 @@ class ModelConfig:
             object.__setattr__(self, "blocks", (self.image_size // self.grid).bit_length() - 1)
         _check_choice("family", self.family, FAMILIES)
         _check_choice("norm", self.norm, NORMS)
+        _check_choice("encoder_stem", self.encoder_stem, ENCODER_STEMS)
         _check_choice("latent", self.latent, LATENTS)
         _check_choice("latent_prior", self.latent_prior, LATENT_PRIORS)
         _check_choice("kernel_size", self.kernel_size, KERNEL_SIZES)

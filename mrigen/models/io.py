@@ -69,8 +69,10 @@ def read_config(directory: str | Path) -> ModelConfig:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"saved model {directory}: format_version={version!r}, this mrigen reads {FORMAT_VERSION}")
+    saved = dict(meta["model"])
+    saved.setdefault("encoder_stem", "norm")    # saved before the field existed: the encoder started conv -> norm
     try:
-        return ModelConfig.from_dict(meta["model"])
+        return ModelConfig.from_dict(saved)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"saved model {directory}: invalid model config in {CONFIG_FILE}: {exc}") from exc
 

@@ -39,6 +39,7 @@ def test_width_scales_channels():
         ("kernel_size", 2),
         ("kernel_size", 6),
         ("norm", "layer"),
+        ("encoder_stem", "none"),
         ("latent", "sparse"),
         ("latent_dim", 0),
         ("codebook_size", 1),
