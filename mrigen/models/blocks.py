@@ -5,7 +5,7 @@ with `ModelConfig.plain_stem` (GroupNorm models by default) the first conv has a
 normalises each slice's own features, so after a bias-free conv it divides out any global scaling of the input: a
 GroupNorm encoder that starts conv -> norm is exactly blind to a slice's intensity level, and its decoder paints
 every slice at the cohort's average level (held-out per-slice mean intensity, real vs reconstruction: correlation
-0.40 on the demo cohort; bench/RESULTS.md, session 23). BatchNorm normalises over the batch and keeps it.
+0.40-0.44 on the demo cohort; bench/RESULTS.md, session 23). BatchNorm normalises over the batch and keeps it.
 Decoder: the mirror image (`res_blocks` x ResBlock -> ConvTranspose2d -> norm -> LeakyReLU), ending in a 1-channel
 transposed conv and a sigmoid. `res_blocks=0` is the thesis CNN.
 Padding is chosen so every kernel size in (3, 4, 5) halves / doubles exactly.
