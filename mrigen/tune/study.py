@@ -25,6 +25,7 @@ __all__ = ["StudySpec", "ParamSpec", "Budget", "Objective", "PrunerSpec", "dotte
 _TOP_KEYS = {"description", "family", "base", "search_space", "objective", "pruner", "promotion", "budget",
              "demo_budget", "utility"}
 _PRUNERS = ("median", "percentile", "hyperband", "none")
+SHOWN_SETTINGS = 3     # budget settings the run's header line lists (Budget.describe); the rest are counted
 
 
 class StudyFileError(ValueError):
@@ -106,8 +107,11 @@ class Budget:
         return dotted_layer(self.first)
 
     def describe(self) -> str:
-        """"3 trials x 3 epochs at 64px (model.width=0.5)": for the run's header line."""
-        extra = ", ".join(f"{k}={v}" for k, v in self.overrides)
+        """"3 trials x 3 epochs at 64px (model.width=0.5)": for the run's header line; past `SHOWN_SETTINGS`
+        settings, the rest are counted ("..., 10 more settings in the study file"), not listed."""
+        shown = [f"{k}={v}" for k, v in self.overrides[:SHOWN_SETTINGS]]
+        hidden = len(self.overrides) - len(shown)
+        extra = ", ".join(shown + ([f"{hidden} more setting{'s' * (hidden > 1)} in the study file"] if hidden else []))
         return f"{self.trials} trials x {self.epochs} epochs at {self.image_size}px" + (f" ({extra})" if extra else "")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -65,6 +66,12 @@ def test_a_budget_may_set_config_fields_and_a_search_parameter_still_wins(tmp_pa
     model_cfg, train_cfg = build_configs(spec.family, spec.base, b.layer(), {"train": {"lr": 1e-3}})
     assert (model_cfg.width, model_cfg.image_size, train_cfg.epochs, train_cfg.lr) == (0.5, 32, 3, 1e-3)
     assert spec.budget.overrides == () and "(" not in spec.budget.describe()
+    many = dataclasses.replace(b, overrides=b.overrides + (("train.beta", 2.0), ("train.seed", 3), ("model.grid", 4)))
+    assert many.describe() == ("2 trials x 3 epochs at 32px (model.width=0.5, train.lr=0.01, train.beta=2.0, "
+                               "2 more settings in the study file)")
+    assert dataclasses.replace(b, overrides=b.overrides + (("train.beta", 2.0), ("train.seed", 3))).describe() == (
+        "2 trials x 3 epochs at 32px (model.width=0.5, train.lr=0.01, train.beta=2.0, 1 more setting in the study "
+        "file)")
 
 
 def test_a_budget_may_name_the_first_trial_s_values(tmp_path):
