@@ -146,6 +146,13 @@ def summary_table(study: optuna.Study, spec: StudySpec) -> str:
             notes.append(f"trial {t.number} does not meet the promotion rule: {'; '.join(promo['failures'])}")
         if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason"):
             notes.append(f"trial {t.number} failed: {t.user_attrs['fail_reason']}")
+        if t.state == TrialState.PRUNED:       # Optuna's value is the last report (the pruning metric, maybe negated)
+            values = [None] * len(spec.metrics)
+            if t.intermediate_values:
+                step = max(t.intermediate_values)
+                sign = 1.0 if spec.pruner.direction == spec.direction else -1.0
+                notes.append(f"trial {t.number} pruned after epoch {step + 1}: {spec.pruner.metric} "
+                             f"{sign * t.intermediate_values[step]:.4f} behind the earlier trials at that epoch")
         secs = "-" if t.duration is None else f"{t.duration.total_seconds():.1f}"
         rows.append([str(t.number), t.state.name, *map(_fmt, values),
                      *(["*" if t.number in on_front else ""] if spec.multi_objective else []),

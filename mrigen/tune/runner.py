@@ -85,15 +85,11 @@ def make_storage(url: str, heartbeat: int, tracking_uri: str | None = None) -> R
                           engine_kwargs=engine_kwargs)
 
 
-def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    kwargs, kind = dict(spec.pruner.options), spec.pruner.type
-    if kind == "none" or spec.multi_objective:
+def _pruner(spec: StudySpec, budget: Budget) -> optuna.pruners.BasePruner:
+    """The study's pruner with the run's budget's `pruner` options (none for a multi-objective study)."""
+    if spec.pruner.type == "none" or spec.multi_objective:
         return optuna.pruners.NopPruner()
-    if kind == "median":
-        return optuna.pruners.MedianPruner(**kwargs)
-    if kind == "percentile":
-        return optuna.pruners.PercentilePruner(**kwargs)
-    return optuna.pruners.HyperbandPruner(**kwargs)
+    return spec.pruner.build(budget.pruner)
 
 
 OBJECTIVES_ATTR = "mrigen.objectives"       # study user attribute: the objective metrics it was created for
@@ -138,7 +134,8 @@ def open_study(spec: StudySpec, opts: TuneOptions, worker_index: int = 0, attemp
                 raise ValueError(f"--resume: no study named {spec.name!r} in the storage; start it without --resume")
             sampler = optuna.samplers.TPESampler(seed=opts.seed + worker_index)
             study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                        pruner=_pruner(spec), directions=spec.directions, load_if_exists=True)
+                                        pruner=_pruner(spec, budget_of(spec, opts)), directions=spec.directions,
+                                        load_if_exists=True)
             check_objectives(study, spec, opts.storage)
             return study
         except (SQLAlchemyError, ImportError) as exc:

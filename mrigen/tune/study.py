@@ -95,6 +95,8 @@ class Budget:
                                                   # over `base` (a search-space parameter still wins)
     first: tuple[tuple[str, Any], ...] = ()       # ("train.lr", 1.5e-3), ...: search-space values of the study's
                                                   # first trial (a known-good start; the sampler draws the rest)
+    pruner: tuple[tuple[str, Any], ...] = ()      # ("n_startup_trials", 1), ...: options of the study's pruner that
+                                                  # this budget changes (a 2-trial preview cannot wait for 4 trials)
 
     def layer(self) -> dict[str, dict[str, Any]]:
         """`{model: {...}, train: {...}}`: image_size, epochs and the overrides, as a config layer."""
@@ -141,6 +143,18 @@ class PrunerSpec:
     metric: str = "val_ssim"               # per-epoch metric reported to the pruner each epoch
     direction: str = "maximize"            # which way `metric` is better (reported negated if the study's differs)
     options: dict[str, Any] = field(default_factory=dict)   # keyword arguments of the Optuna pruner
+
+    def build(self, budget_options: tuple[tuple[str, Any], ...] = ()) -> "optuna.pruners.BasePruner":
+        """The Optuna pruner, its `options` updated by a budget's `pruner` options.
+
+        Raises:
+            TypeError / ValueError: from Optuna, for an option the pruner does not take or a bad value.
+        """
+        import optuna
+
+        builders = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+                    "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+        return builders[self.type](**{**self.options, **dict(budget_options)})
 
 
 @dataclass(frozen=True)
@@ -197,11 +211,23 @@ def _fail(path: Path, key: str, msg: str) -> StudyFileError:
 
 
 def _budget(path: Path, key: str, raw: Any, default: Budget, valid: dict[str, set[str]],
-            space: tuple[ParamSpec, ...]) -> Budget:
+            space: tuple[ParamSpec, ...], pruner: PrunerSpec) -> Budget:
     if raw is None:
         return default
-    if not isinstance(raw, dict) or set(raw) - {"trials", "epochs", "image_size", "set", "first"}:
-        raise _fail(path, key, "expected a mapping with trials, epochs, image_size and optional 'set' and 'first'")
+    if not isinstance(raw, dict) or set(raw) - {"trials", "epochs", "image_size", "set", "first", "pruner"}:
+        raise _fail(path, key, "expected a mapping with trials, epochs, image_size and optional 'set', 'first' and "
+                               "'pruner'")
+    pruner_options = raw.get("pruner") or {}
+    if not isinstance(pruner_options, dict) or set(pruner_options) & {"type", "metric", "direction"}:
+        raise _fail(path, f"{key}.pruner", "expected a mapping of the study pruner's options, e.g. "
+                                           "{n_startup_trials: 1} (its type and metric are the study's)")
+    if pruner_options and pruner.type == "none":
+        raise _fail(path, f"{key}.pruner", "the study does not prune (pruner: {type: none})")
+    try:
+        pruner.build(tuple(pruner_options.items()))
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"{key}.pruner", f"bad options {pruner_options} for the {pruner.type} pruner "
+                                           f"({exc})") from None
     sets = raw.get("set") or {}
     if not isinstance(sets, dict):
         raise _fail(path, f"{key}.set", "expected a mapping of config fields, e.g. {model.width: 0.5}")
@@ -221,9 +247,10 @@ def _budget(path: Path, key: str, raw: Any, default: Budget, valid: dict[str, se
         problem = params[name].out_of_domain(value)
         if problem:
             raise _fail(path, f"{key}.first.{name}", problem)
-    b = Budget(**{**default.__dict__, **{k: v for k, v in raw.items() if k not in ("set", "first")},
+    b = Budget(**{**default.__dict__, **{k: v for k, v in raw.items() if k not in ("set", "first", "pruner")},
                   "overrides": tuple((str(k), v) for k, v in sets.items()),
-                  "first": tuple((str(k), v) for k, v in first.items())})
+                  "first": tuple((str(k), v) for k, v in first.items()),
+                  "pruner": tuple((str(k), v) for k, v in pruner_options.items())})
     for name in ("trials", "epochs"):
         v = getattr(b, name)
         if not isinstance(v, int) or v < 1:
@@ -304,8 +331,6 @@ def _objectives(path: Path, raw: Any) -> tuple[Objective, ...]:
 
 def _pruner(path: Path, raw: Any, objectives: tuple[Objective, ...]) -> PrunerSpec:
     """Per-epoch pruning; refused for multi-objective studies (Optuna prunes single-objective ones only)."""
-    import optuna
-
     if raw is not None and not isinstance(raw, dict):
         raise _fail(path, "pruner", "expected a mapping such as {type: median, metric: val_ssim}")
     raw = dict(raw or {"type": "none" if len(objectives) > 1 else "median"})
@@ -329,13 +354,12 @@ def _pruner(path: Path, raw: Any, objectives: tuple[Objective, ...]) -> PrunerSp
                                               f"or lower (minimize)")
     if known not in (None, direction):
         raise _fail(path, "pruner.direction", f"{direction!r} is the wrong way for {metric} (better is {known})")
-    builders = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-                "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    spec = PrunerSpec(type=kind, metric=metric, direction=direction, options=raw)
     try:
-        builders[kind](**raw)
+        spec.build()
     except (TypeError, ValueError) as exc:
         raise _fail(path, "pruner", f"bad options {raw} for the {kind} pruner ({exc})") from None
-    return PrunerSpec(type=kind, metric=metric, direction=direction, options=raw)
+    return spec
 
 
 def _promotion(path: Path, raw: Any) -> PromotionRule:
@@ -453,7 +477,7 @@ def load_study(name_or_path: str | Path, directory: Path | None = None) -> Study
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
         raise _fail(path, "description", "a short description is required")
-    budgets = {key: _budget(path, key, doc.get(key), default, valid, space)
+    budgets = {key: _budget(path, key, doc.get(key), default, valid, space, pruner)
                for key, default in (("budget", Budget(20, 30, 128)), ("demo_budget", Budget(3, 2, 32)))}
     for key, b in budgets.items():
         try:

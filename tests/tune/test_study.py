@@ -74,6 +74,25 @@ def test_a_budget_may_set_config_fields_and_a_search_parameter_still_wins(tmp_pa
         "file)")
 
 
+def test_a_budget_may_change_the_pruner_s_options_and_the_run_s_study_uses_them(tmp_path):
+    """A 2-trial preview cannot wait for the default 4 startup trials: `demo_budget.pruner` changes the study
+    pruner's options for runs on that budget only; the study's own options stay for the full budget."""
+    import optuna
+
+    from mrigen.tune.runner import TuneOptions, open_study
+
+    spec = load_study(write(tmp_path, GOOD + "pruner: {type: median, n_startup_trials: 4, n_warmup_steps: 5}\n"
+                                             "demo_budget: {trials: 2, pruner: {n_startup_trials: 1, "
+                                             "n_warmup_steps: 1}}\n"))
+    assert spec.demo_budget.pruner == (("n_startup_trials", 1), ("n_warmup_steps", 1)) and spec.budget.pruner == ()
+    for full, startup, warmup in ((False, 1, 1), (True, 4, 5)):
+        opts = TuneOptions(study=str(spec.path), storage=f"sqlite:///{tmp_path}/optuna-{full}.db", tracking_uri=None,
+                           work_dir=tmp_path, full_budget=full)
+        pruner = open_study(spec, opts).pruner
+        assert isinstance(pruner, optuna.pruners.MedianPruner)
+        assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (startup, warmup)
+
+
 def test_a_budget_may_name_the_first_trial_s_values(tmp_path):
     spec = load_study(write(tmp_path, GOOD + "  train.batch_size: {type: categorical, choices: [16, 32]}\n"
                                              "demo_budget: {trials: 2, first: {train.lr: 5.0e-4, "
@@ -95,6 +114,11 @@ def test_a_budget_may_name_the_first_trial_s_values(tmp_path):
     ("budget: {trials: 1, set: [model.width]}", "budget.set"),
     ("demo_budget: {trials: 1, set: {model.width: -1}}", "demo_budget.set"),
     ("base: {model: {latent: spatial, grid: 16}}\ndemo_budget: {trials: 1, image_size: 16}", "demo_budget: grid"),
+    ("demo_budget: {trials: 1, pruner: {n_warmup_steps: -1}}", "demo_budget.pruner"),
+    ("demo_budget: {trials: 1, pruner: {patience: 3}}", "demo_budget.pruner"),          # not a median option
+    ("budget: {trials: 1, pruner: {type: hyperband}}", "budget.pruner"),
+    ("budget: {trials: 1, pruner: [n_startup_trials]}", "budget.pruner"),
+    ("pruner: {type: none}\ndemo_budget: {trials: 1, pruner: {n_startup_trials: 1}}", "demo_budget.pruner"),
 ])
 def test_a_bad_budget_set_names_the_file_and_key(tmp_path, body, key):
     with pytest.raises(StudyFileError) as err:

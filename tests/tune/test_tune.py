@@ -168,6 +168,16 @@ def test_pruning_stops_a_bad_trial_early(tune_store, tmp_path, fake_eval, object
     assert bad.state == TrialState.PRUNED and len(bad.intermediate_values) < 4
     run = MlflowClient(opts.tracking_uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
+    # the summary shows no objective value for it (Optuna's value is the last val_ssim report, negated when the
+    # study minimises), and says where and on what it was pruned
+    from mrigen.tune.report import summary_table
+
+    table = summary_table(study, spec)
+    row = next(line.split() for line in table.splitlines() if line.split()[:2] == [str(bad.number), "PRUNED"])
+    assert row[2] == "-"
+    ssim = bad.intermediate_values[max(bad.intermediate_values)] * (1 if "maximize" in objective else -1)
+    assert (f"trial {bad.number} pruned after epoch {len(bad.intermediate_values)}: val_ssim {ssim:.4f} behind "
+            f"the earlier trials at that epoch") in table
 
 
 def _study_on_sqlite(tmp_path: Path, body: str):
